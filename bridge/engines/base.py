@@ -1,0 +1,114 @@
+"""The one interface every agent engine implements (OpenCode HTTP, OpenCode CLI, Claude Code).
+
+The task pipeline owns NATS, workspaces, sessions in KV, timeouts and cancellation; an engine only
+knows how to open a session in a directory, run one prompt in it while reporting live
+:class:`AgentEvent` s, and abort a running prompt. This mirrors httpx's transports: one small
+contract, several interchangeable implementations.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from client.protocol import ModelRef, ToolInfo
+
+AgentEventKind = Literal["text", "thinking", "tool_start", "tool_end"]
+
+
+@dataclass(slots=True)
+class AgentEvent:
+    """Something the agent did, as it happened.
+
+    ``text`` and ``thinking`` carry *deltas* (the pipeline coalesces them); ``tool_start`` carries
+    the tool with ``args``; ``tool_end`` carries ``output`` and ``duration`` in milliseconds.
+    """
+
+    kind: AgentEventKind
+    content: str | None = None
+    tool: ToolInfo | None = None
+
+
+EventSink = Callable[[AgentEvent], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class SessionHandle:
+    """An engine session: its id and whether :meth:`Engine.open_session` just created it."""
+
+    id: str
+    created: bool
+
+
+@dataclass(slots=True)
+class PromptRequest:
+    directory: Path
+    session_id: str
+    prompt: str
+    model: ModelRef | None = None
+    agent: str | None = None
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """How one prompt ended. ``error`` set means the run failed (provider error, engine failure)."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    tool_calls: int = 0
+    message_count: int = 0
+    aborted: bool = False
+    error: str | None = None
+    error_type: str | None = None
+    files_edited: list[str] = field(default_factory=list)
+
+
+class EngineError(Exception):
+    """An engine could not do what was asked (server down, bad answer, unknown session...)."""
+
+    def __init__(self, message: str, *, error_type: str = "engine_error") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class Engine(abc.ABC):
+    """An agent engine. Implementations must be safe to use from many concurrent tasks."""
+
+    name: str = "engine"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start whatever the engine needs (a server process, an HTTP session)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Stop the engine and reap every process it started."""
+
+    @abc.abstractmethod
+    async def open_session(self, directory: Path, title: str, existing_id: str | None) -> SessionHandle:
+        """Return the existing session when it is still known to the engine, else a new one."""
+
+    @abc.abstractmethod
+    async def run(self, request: PromptRequest, on_event: EventSink) -> RunOutcome:
+        """Send one prompt and return when the agent is done.
+
+        Calls ``on_event`` for every live event. Returns an outcome with ``aborted=True`` when the
+        run was stopped by :meth:`abort`. Raises :class:`EngineError` when the engine itself fails.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, directory: Path, session_id: str) -> None:
+        """Stop the running prompt of a session. Must return within a few seconds."""
+
+    async def release(self, directory: Path) -> None:  # noqa: B027 - optional hook
+        """Tell the engine a task in ``directory`` is over (it may free per-directory resources)."""
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()

@@ -1,0 +1,305 @@
+"""The Station ``opencode-nats`` wire protocol: every message that crosses NATS, in one place.
+
+Field names on the wire are Station's exact camelCase names. Python code uses snake_case attributes;
+``populate_by_name`` lets both spellings construct a model. Unknown fields are accepted and kept
+(``extra="allow"``) so a newer Station can add fields without breaking an older sidecar, and a
+re-serialised message still carries them.
+
+Additions beyond Station's protocol stay optional and compatible: statuses ``timeout`` and
+``cancelled``, ``metrics.cost``, tool ``duration`` and the cancel message.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+)
+
+__all__ = [
+    "CancelRequest",
+    "EventGit",
+    "EventSession",
+    "EventType",
+    "GitSpec",
+    "ModelRef",
+    "ResultGit",
+    "ResultMetrics",
+    "ResultSession",
+    "ResultWorkspace",
+    "SessionGit",
+    "SessionSpec",
+    "SessionState",
+    "StreamEvent",
+    "Task",
+    "TaskCallback",
+    "TaskResult",
+    "TaskStatus",
+    "ToolInfo",
+    "ValidationError",
+    "WorkspaceSpec",
+    "iso_now",
+]
+
+
+def iso_now() -> str:
+    """Current UTC time in Station's format, e.g. ``2026-01-02T10:11:12.345Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class WireModel(BaseModel):
+    """Base for protocol messages: camelCase aliases, unknown fields kept, compact JSON output."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    def to_wire(self) -> bytes:
+        """Serialise as Station does: aliases, no ``null`` for absent optional fields."""
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form as a ``dict`` (for printing and tests)."""
+        return json.loads(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, data: bytes | str | dict[str, Any]):
+        """Parse a wire message; raises :class:`pydantic.ValidationError` on bad input."""
+        if isinstance(data, dict):
+            return cls.model_validate(data)
+        return cls.model_validate_json(data)
+
+
+# --------------------------------------------------------------------------------------------- task
+
+
+class SessionSpec(WireModel):
+    """Which agent session a task runs in. ``continue`` anything but ``false`` reuses it."""
+
+    name: str = Field(min_length=1, max_length=200)
+    continue_: bool | None = Field(default=None, alias="continue")
+
+    @property
+    def reuse(self) -> bool:
+        return self.continue_ is not False
+
+
+class GitSpec(WireModel):
+    """A git repository to clone into (or pull in) the workspace before the prompt."""
+
+    url: str = Field(min_length=1)
+    branch: str | None = None
+    ref: str | None = None
+    # The token travels on the wire in clear (Station sends it so); in memory it is a SecretStr so
+    # that reprs, logs and tracebacks never show it.
+    token: SecretStr | None = None
+    token_from_kv: str | None = Field(default=None, alias="tokenFromKV")
+    pull: bool | None = None
+    shallow: bool | None = None
+
+    @field_serializer("token", when_used="json")
+    def _reveal_token(self, token: SecretStr | None) -> str | None:
+        return token.get_secret_value() if token is not None else None
+
+
+class WorkspaceSpec(WireModel):
+    """Workspace the task runs in: a bare name or an absolute path, confined under the root."""
+
+    name: str = Field(min_length=1, max_length=4096)
+    git: GitSpec | None = None
+
+
+class TaskCallback(WireModel):
+    """Per-task subjects the worker answers on."""
+
+    stream_subject: str = Field(alias="streamSubject", min_length=1)
+    result_subject: str = Field(alias="resultSubject", min_length=1)
+
+
+class ModelRef(WireModel):
+    """A model choice as OpenCode names it."""
+
+    provider_id: str = Field(alias="providerID")
+    model_id: str = Field(alias="modelID")
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Parse ``provider/model``."""
+        provider, sep, model = text.partition("/")
+        if not sep or not provider or not model:
+            raise ValueError(f"model must look like 'provider/model', got {text!r}")
+        return cls(providerID=provider, modelID=model)
+
+    def __str__(self) -> str:
+        return f"{self.provider_id}/{self.model_id}"
+
+
+class Task(WireModel):
+    """A coding task as Station publishes it on the task subject."""
+
+    task_id: str = Field(alias="taskID", min_length=1, max_length=200)
+    session: SessionSpec
+    workspace: WorkspaceSpec
+    prompt: str = Field(min_length=1)
+    timeout: int | None = Field(default=None, ge=1, description="milliseconds")
+    callback: TaskCallback
+    agent: str | None = None
+    model: ModelRef | None = None
+
+
+class CancelRequest(WireModel):
+    """Published on ``<task subject>.cancel.<taskID>`` to stop a queued or running task."""
+
+    task_id: str = Field(alias="taskID")
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+class EventType(StrEnum):
+    WORKSPACE_CREATED = "workspace_created"
+    WORKSPACE_REUSED = "workspace_reused"
+    GIT_CLONE = "git_clone"
+    GIT_PULL = "git_pull"
+    GIT_CHECKOUT = "git_checkout"
+    SESSION_CREATED = "session_created"
+    SESSION_REUSED = "session_reused"
+    PROMPT_SENT = "prompt_sent"
+    TEXT = "text"
+    THINKING = "thinking"
+    TOOL_START = "tool_start"
+    TOOL_END = "tool_end"
+    ERROR = "error"
+
+
+class ToolInfo(WireModel):
+    name: str
+    call_id: str = Field(alias="callID")
+    args: dict[str, Any] | None = None
+    output: str | None = None
+    duration: int | None = Field(default=None, description="milliseconds")
+    # Addition: whether the tool failed (only on tool_end).
+    error: bool | None = None
+
+
+class EventGit(WireModel):
+    url: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+
+
+class EventSession(WireModel):
+    name: str
+    opencode_id: str | None = Field(default=None, alias="opencodeID")
+
+
+class StreamEvent(WireModel):
+    """One live event on the task's stream subject. ``seq`` starts at 1 and grows by one."""
+
+    task_id: str = Field(alias="taskID")
+    seq: int = Field(ge=1)
+    timestamp: str
+    type: str
+    content: str | None = None
+    tool: ToolInfo | None = None
+    git: EventGit | None = None
+    session: EventSession | None = None
+
+
+# ------------------------------------------------------------------------------------------- result
+
+
+class TaskStatus(StrEnum):
+    COMPLETED = "completed"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+class ResultSession(WireModel):
+    name: str
+    opencode_id: str | None = Field(default=None, alias="opencodeID")
+    message_count: int | None = Field(default=None, alias="messageCount")
+
+
+class ResultGit(WireModel):
+    branch: str | None = None
+    commit: str | None = None
+    dirty: bool | None = None
+
+
+class ResultWorkspace(WireModel):
+    name: str
+    path: str | None = None
+    git: ResultGit | None = None
+
+
+class ResultMetrics(WireModel):
+    duration: int = Field(default=0, description="milliseconds")
+    prompt_tokens: int = Field(default=0, alias="promptTokens")
+    completion_tokens: int = Field(default=0, alias="completionTokens")
+    tool_calls: int = Field(default=0, alias="toolCalls")
+    stream_events: int = Field(default=0, alias="streamEvents")
+    cost: float | None = None
+
+
+class TaskResult(WireModel):
+    """The single result of a task, on its result subject."""
+
+    task_id: str = Field(alias="taskID")
+    status: TaskStatus
+    result: str | None = None
+    session: ResultSession | None = None
+    workspace: ResultWorkspace | None = None
+    metrics: ResultMetrics = Field(default_factory=ResultMetrics)
+    error: str | None = None
+    error_type: str | None = Field(default=None, alias="errorType")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == TaskStatus.COMPLETED
+
+
+# ------------------------------------------------------------------------------------ session state
+
+
+class SessionGit(WireModel):
+    url: str | None = None
+    branch: str | None = None
+    last_commit: str | None = Field(default=None, alias="lastCommit")
+
+
+class SessionState(WireModel):
+    """Value of the sessions KV bucket, keyed by session name."""
+
+    session_name: str = Field(alias="sessionName")
+    opencode_id: str = Field(alias="opencodeID")
+    workspace_name: str = Field(alias="workspaceName")
+    workspace_path: str = Field(alias="workspacePath")
+    created: str
+    last_used: str = Field(alias="lastUsed")
+    message_count: int = Field(default=0, alias="messageCount")
+    git: SessionGit | None = None
+    # Addition: which engine owns the session id (opencode, opencode-cli, claudecode).
+    engine: str | None = None
+
+
+ErrorType = Literal[
+    "invalid_task",
+    "workspace_error",
+    "git_error",
+    "engine_error",
+    "provider_error",
+    "timeout",
+    "cancelled",
+    "redelivery_exhausted",
+    "internal_error",
+]
