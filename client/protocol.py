@@ -25,6 +25,8 @@ from pydantic import (
     field_serializer,
 )
 
+from .kv import kv_key
+
 __all__ = [
     "CancelRequest",
     "EventGit",
@@ -42,12 +44,15 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskCallback",
+    "TaskRecord",
     "TaskResult",
     "TaskStatus",
     "ToolInfo",
     "ValidationError",
     "WorkspaceSpec",
+    "cancel_key",
     "iso_now",
+    "record_key",
 ]
 
 
@@ -290,6 +295,31 @@ class SessionState(WireModel):
     git: SessionGit | None = None
     # Addition: which engine owns the session id (opencode, opencode-cli, claudecode).
     engine: str | None = None
+
+
+# ------------------------------------------------------------------------------------- task records
+
+
+class TaskRecord(WireModel):
+    """Addition: a task's state in the tasks KV bucket (key ``task.<taskID>``), with its result
+    once published, so a watcher that arrives late (or a redelivered attempt) can see it."""
+
+    task_id: str = Field(alias="taskID")
+    state: Literal["running", "done", "requeued"]
+    sidecar: str | None = None
+    attempt: int | None = None
+    updated: str = Field(default_factory=iso_now)
+    result: TaskResult | None = None
+
+
+def record_key(task_id: str) -> str:
+    """Key of a task's record in the tasks bucket."""
+    return "task." + kv_key(task_id)
+
+
+def cancel_key(task_id: str) -> str:
+    """Key a client writes to cancel a task that no sidecar has picked up yet."""
+    return "cancel." + kv_key(task_id)
 
 
 ErrorType = Literal[

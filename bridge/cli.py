@@ -1,0 +1,45 @@
+"""``ocbridge serve``: build the configuration from flags, environment and file, then run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from .config import ConfigError, load_config
+from .logs import setup_logging
+from .redact import default_redactor
+from .sidecar import Sidecar
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {
+        "workspace_root": args.workspace_root,
+        "concurrency": args.concurrency,
+        "offline_model": args.offline_model,
+        "data_dir": args.data_dir,
+        "log_level": args.log_level,
+    }
+    if args.nats_url:
+        overrides["nats"] = {"url": args.nats_url}
+    if args.opencode_url:
+        overrides["opencode"] = {"url": args.opencode_url}
+    return overrides
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"ocbridge serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(default_redactor, config.log_level, config.log_format)
+    try:
+        asyncio.run(Sidecar(config).serve_forever())
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        print(f"ocbridge serve: {default_redactor.text(str(exc))}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,177 @@
+"""Sidecar configuration: defaults < YAML file < ``OCBRIDGE_*`` environment < command-line flags.
+
+Environment variables: the common settings have short names (``OCBRIDGE_NATS_URL``,
+``OCBRIDGE_WORKSPACE_ROOT``, ``OCBRIDGE_CONCURRENCY``, ``OCBRIDGE_OFFLINE_MODEL``,
+``OCBRIDGE_CONFIG``...); any nested key can be set with ``__`` between levels, e.g.
+``OCBRIDGE_OPENCODE__IDLE_DISPOSE_SECONDS=60``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from client.connection import NatsOptions
+from client.naming import Naming
+
+ENV_PREFIX = "OCBRIDGE_"
+
+#: Short environment names for the settings people set most.
+ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
+    "NATS_URL": ("nats", "url"),
+    "NATS_USER": ("nats", "user"),
+    "NATS_PASSWORD": ("nats", "password"),
+    "NATS_TOKEN": ("nats", "token"),
+    "NATS_CREDS": ("nats", "creds_file"),
+    "WORKSPACE_ROOT": ("workspace_root",),
+    "CONCURRENCY": ("concurrency",),
+    "OFFLINE_MODEL": ("offline_model",),
+    "ENGINE": ("engine",),
+    "OPENCODE_URL": ("opencode", "url"),
+    "OPENCODE_BINARY": ("opencode", "binary"),
+    "OPENCODE_PASSWORD": ("opencode", "password"),
+    "MODEL": ("opencode", "model"),
+    "DATA_DIR": ("data_dir",),
+    "LOG_LEVEL": ("log_level",),
+    "LOG_FORMAT": ("log_format",),
+}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JetStreamSettings(Section):
+    #: Seconds without an ack or progress before JetStream redelivers a task to another sidecar.
+    ack_wait: float = Field(default=30.0, gt=0.5)
+    #: Deliveries of one task before it is given up with an error result.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long an unconsumed task waits in the stream (seconds).
+    max_age: float = Field(default=7 * 24 * 3600, gt=0)
+    #: How long task records (status, result) are kept in the tasks bucket (seconds).
+    task_record_ttl: float = Field(default=24 * 3600, gt=0)
+    replicas: int = Field(default=1, ge=1, le=5)
+
+
+class EmbeddedNatsSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=4222, ge=0, le=65535)
+
+
+class OpenCodeConfig(Section):
+    #: Use an already running ``opencode serve`` instead of starting one.
+    url: str | None = None
+    username: str = "opencode"
+    password: SecretStr | None = None
+    binary: str | None = None
+    #: Default model as ``provider/model`` (a task's ``model`` wins).
+    model: str | None = None
+    #: Extra OpenCode config merged into the generated one (providers, agents...).
+    config: dict[str, Any] = Field(default_factory=dict)
+    idle_dispose_seconds: float = Field(default=300.0, ge=0)
+    startup_timeout: float = Field(default=30.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
+    #: How ``permission.asked`` is answered: allow once, or reject.
+    permission_policy: Literal["allow", "deny"] = "allow"
+
+
+class BridgeConfig(Section):
+    """Everything ``ocbridge serve`` can be told."""
+
+    nats: NatsOptions = Field(default_factory=NatsOptions)
+    embedded_nats: EmbeddedNatsSettings = Field(default_factory=EmbeddedNatsSettings)
+    naming: Naming = Field(default_factory=Naming)
+    jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)
+    opencode: OpenCodeConfig = Field(default_factory=OpenCodeConfig)
+    engine: Literal["opencode"] = "opencode"
+    workspace_root: Path = Path("workspaces")
+    #: Private state: embedded NATS data, OpenCode's HOME/XDG dirs, logs.
+    data_dir: Path = Path(".ocbridge")
+    concurrency: int = Field(default=2, ge=1, le=256)
+    #: Start the offline scripted model and point OpenCode at it (demo and tests).
+    offline_model: bool = False
+    #: Timeout for a task that gives none (seconds).
+    default_task_timeout: float = Field(default=1800.0, gt=0)
+    #: On SIGTERM, how long running tasks may go on before they are handed back for redelivery.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    #: After an abort (timeout/cancel), how long to wait for the engine to wind down.
+    abort_grace: float = Field(default=10.0, gt=0)
+    #: Text deltas are coalesced into one ``text`` event per this many seconds.
+    text_flush_interval: float = Field(default=0.1, ge=0)
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+
+def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = target.get(key)
+        if not isinstance(node, dict):
+            node = target[key] = {}
+        target = node
+    target[path[-1]] = value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):]
+        if key in ENV_SHORTCUTS:
+            path = ENV_SHORTCUTS[key]
+        elif "__" in key:
+            path = tuple(part.lower() for part in key.split("__"))
+        else:
+            path = (key.lower(),)
+        _set_path(out, path, value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> BridgeConfig:
+    """Build the configuration; raises :class:`ConfigError` naming the bad key."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _merge(data, _env_overrides(environ))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,206 @@
+"""A thin typed client over the OpenCode 1.18 HTTP calls the engine needs.
+
+Every session call carries ``?directory=``: OpenCode keys its per-directory instances (config,
+tools, file watcher) by that string, so it must be the same for every call about one session.
+Errors become :class:`EngineError` with the method, path and status, never the credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from bridge.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+class OpenCodeAPI:
+    """HTTP client for one OpenCode server (the endpoint can move when the server restarts)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        username: str = "opencode",
+        password: str | None = None,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._auth = aiohttp.BasicAuth(username, password) if password else None
+        self._username = username
+        self.request_timeout = request_timeout
+        self._http: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    def set_endpoint(self, base_url: str, password: str | None) -> None:
+        """Point the client at a (restarted) server."""
+        self._base = base_url.rstrip("/")
+        self._auth = aiohttp.BasicAuth(self._username, password) if password else None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            # No total timeout here: each request sets its own; the event stream sets none.
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        return self._http
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        directory: str | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        allow_404: bool = False,
+    ) -> Any:
+        """Send one request and return its decoded JSON (``None`` for an empty body or a 404
+        when ``allow_404``). Raises :class:`EngineError` on transport errors and HTTP errors."""
+        params = {"directory": directory} if directory is not None else None
+        limit = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+        what = f"OpenCode {method} {path}"
+        try:
+            async with self._session().request(
+                method, self._base + path, params=params, json=body, auth=self._auth, timeout=limit
+            ) as resp:
+                text = await resp.text()
+                if resp.status == 404 and allow_404:
+                    return None
+                if resp.status == 401:
+                    raise EngineError(f"{what}: authentication rejected (401); check the server password")
+                if resp.status >= 400:
+                    raise EngineError(f"{what} failed with HTTP {resp.status}: {_excerpt(text)}")
+        except TimeoutError as exc:
+            raise EngineError(f"{what} timed out after {limit.total:.0f}s") from exc
+        except aiohttp.ClientError as exc:
+            # ClientError messages hold host:port at most; auth travels in a header.
+            raise EngineError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise EngineError(f"{what} returned invalid JSON: {_excerpt(text)}") from exc
+
+    @asynccontextmanager
+    async def stream(self, path: str, *, connect_timeout: float = 10.0) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a long-lived GET (the SSE event stream); yields the response once headers arrived."""
+        limit = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout)
+        what = f"OpenCode GET {path}"
+        try:
+            resp = await self._session().get(
+                self._base + path, auth=self._auth, timeout=limit, headers={"Accept": "text/event-stream"}
+            )
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            if resp.status == 401:
+                raise EngineError(f"{what}: authentication rejected (401); check the server password")
+            if resp.status >= 400:
+                raise EngineError(f"{what} failed with HTTP {resp.status}")
+            yield resp
+        finally:
+            resp.release()
+
+    # ------------------------------------------------------------------------------ calls
+
+    async def health(self, timeout: float | None = None) -> JSON:
+        """``GET /global/health`` -> ``{"healthy": true, "version": "1.18.33"}``."""
+        return await self.request("GET", "/global/health", timeout=timeout)
+
+    async def create_session(
+        self, directory: str, title: str | None = None, permission: list[JSON] | None = None
+    ) -> JSON:
+        """Create a session in ``directory`` (which OpenCode does not validate)."""
+        body: JSON = {}
+        if title:
+            body["title"] = title
+        if permission is not None:
+            body["permission"] = permission
+        return await self.request("POST", "/session", directory=directory, body=body)
+
+    async def get_session(self, directory: str, session_id: str) -> JSON | None:
+        """The session's info, or ``None`` when OpenCode does not know it."""
+        return await self.request("GET", f"/session/{session_id}", directory=directory, allow_404=True)
+
+    async def delete_session(self, directory: str, session_id: str) -> bool:
+        """Delete a session; ``False`` when it did not exist."""
+        result = await self.request("DELETE", f"/session/{session_id}", directory=directory, allow_404=True)
+        return bool(result)
+
+    async def list_sessions(self, directory: str) -> list[JSON]:
+        return await self.request("GET", "/session", directory=directory) or []
+
+    async def prompt_async(
+        self,
+        directory: str,
+        session_id: str,
+        text: str,
+        *,
+        model: JSON | None = None,
+        agent: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        """Queue a prompt; OpenCode answers 204 at once and reports progress as events."""
+        body: JSON = {"parts": [{"type": "text", "text": text}]}
+        if model is not None:
+            body["model"] = model
+        if agent:
+            body["agent"] = agent
+        if message_id:
+            body["messageID"] = message_id
+        await self.request("POST", f"/session/{session_id}/prompt_async", directory=directory, body=body)
+
+    async def abort(self, directory: str, session_id: str, timeout: float | None = None) -> bool:
+        return bool(
+            await self.request("POST", f"/session/{session_id}/abort", directory=directory, timeout=timeout)
+        )
+
+    async def messages(self, directory: str, session_id: str) -> list[JSON]:
+        """The whole history ``[{info, parts}]``, oldest first."""
+        return await self.request("GET", f"/session/{session_id}/message", directory=directory) or []
+
+    async def session_status(self, directory: str, timeout: float | None = None) -> dict[str, JSON]:
+        """``{session_id: {"type": "busy" | "retry"}}``; idle sessions are absent."""
+        return await self.request("GET", "/session/status", directory=directory, timeout=timeout) or {}
+
+    async def permissions(self, directory: str) -> list[JSON]:
+        """Pending permission requests."""
+        return await self.request("GET", "/permission", directory=directory) or []
+
+    async def reply_permission(self, directory: str, request_id: str, reply: str) -> bool:
+        """Answer a permission request with ``once``, ``always`` or ``reject``."""
+        body = {"reply": reply}
+        return bool(
+            await self.request("POST", f"/permission/{request_id}/reply", directory=directory, body=body)
+        )
+
+    async def reject_question(self, directory: str, request_id: str) -> bool:
+        return bool(await self.request("POST", f"/question/{request_id}/reject", directory=directory))
+
+    async def dispose_instance(self, directory: str) -> bool:
+        """Unload the directory's instance (it is loaded again on the next call about it)."""
+        return bool(await self.request("POST", "/instance/dispose", directory=directory))
+
+
+def _excerpt(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."

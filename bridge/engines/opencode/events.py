@@ -1,0 +1,269 @@
+"""One SSE connection to ``GET /global/event``, dispatched to per-session subscribers.
+
+``/global/event`` carries the events of every directory instance, including instances loaded after
+the connection opened and instances reloaded after ``/instance/dispose`` (verified on 1.18.33), each
+wrapped as ``{"directory", "project", "payload": {"id", "type", "properties"}}``. One connection for
+all directories keeps the engine's connection count constant.
+
+Subscribers register *before* their prompt is sent, so no event of the run can be missed. When the
+stream drops, every subscriber receives a :data:`GAP` marker (events may have been lost: poll), and
+when the server process died, a :data:`SERVER_LOST` marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.engines.base import EngineError
+
+from .api import OpenCodeAPI
+
+log = logging.getLogger(__name__)
+
+# Markers put in subscriber queues besides the event payloads.
+GAP = "stream-gap"
+SERVER_LOST = "server-lost"
+
+# OpenCode sends ``server.heartbeat`` every 10 s: silence for longer than this means a dead stream.
+READ_TIMEOUT = 35.0
+
+
+@dataclass(slots=True)
+class Event:
+    """One OpenCode event: ``directory`` (``None`` for server-wide events) and its ``payload``."""
+
+    directory: str | None
+    payload: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.payload.get("type", ""))
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        props = self.payload.get("properties")
+        return props if isinstance(props, dict) else {}
+
+    @property
+    def session_id(self) -> str | None:
+        sid = self.properties.get("sessionID")
+        return sid if isinstance(sid, str) else None
+
+
+Item = Event | str  # an event or a marker
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser (bytes in, ``data`` strings out).
+
+    Handles CRLF/CR/LF line ends, multi-line ``data:``, comments (heartbeat lines starting with
+    ``:``) and lines of any length (aiohttp's own line reader refuses lines over 128 KiB, and a
+    tool output can be bigger).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add received bytes; return the data of every event completed by them."""
+        self._buffer += chunk
+        out: list[str] = []
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                return out
+            end, skip = cut
+            line = self._buffer[:end].decode("utf-8", errors="replace")
+            self._buffer = self._buffer[end + skip :]
+            if not line:
+                if self._data:
+                    out.append("\n".join(self._data))
+                    self._data = []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                self._data.append(value[1:] if value.startswith(" ") else value)
+            # "event", "id" and "retry" fields carry nothing OpenCode relies on.
+
+
+def _line_end(buffer: bytes) -> tuple[int, int] | None:
+    """Index and length of the first line terminator, or ``None`` when no full line is buffered."""
+    lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
+    if cr == -1 and lf == -1:
+        return None
+    if cr == -1 or (lf != -1 and lf < cr):
+        return lf, 1
+    if cr + 1 == len(buffer):
+        return None  # a CR at the end may be the first half of CRLF: wait for more
+    return cr, 2 if buffer[cr + 1 : cr + 2] == b"\n" else 1
+
+
+def parse_global(data: str) -> Event | None:
+    """Decode one ``/global/event`` data block (also accepts an unwrapped ``/event`` payload)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        log.warning("opencode events: undecodable event data (%d bytes)", len(data))
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("payload"), dict):
+        directory = obj.get("directory")
+        return Event(directory if isinstance(directory, str) else None, obj["payload"])
+    return Event(None, obj)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """The queue of one run: events of its session and of its directory (``file.edited``)."""
+
+    session_id: str
+    directory: str
+    queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
+
+    async def get(self, timeout: float) -> Item | None:
+        """Next item, or ``None`` after ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+
+Listener = Callable[[Event], Awaitable[None]]
+
+
+class EventHub:
+    """Reads the event stream, reconnecting with backoff, and dispatches events by session id."""
+
+    def __init__(self, api: OpenCodeAPI, *, backoff: float = 0.2, backoff_max: float = 5.0) -> None:
+        self._api = api
+        self._backoff = backoff
+        self._backoff_max = backoff_max
+        self._subs: dict[str, set[Subscription]] = {}
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.connections = 0  # how many times the stream (re)connected, for tests and logs
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` for every event (the engine answers permission requests this way)."""
+        self._listeners.append(listener)
+
+    def subscribe(self, session_id: str, directory: str) -> Subscription:
+        """Start queueing the session's events. Call before sending the prompt."""
+        sub = Subscription(session_id, directory)
+        self._subs.setdefault(session_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.session_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.session_id]
+
+    def broadcast(self, marker: str) -> None:
+        """Put a marker in every subscriber queue."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.queue.put_nowait(marker)
+
+    async def start(self, wait: float = 10.0) -> None:
+        """Start reading; wait up to ``wait`` seconds for the first connection."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="opencode-events")
+        try:
+            await asyncio.wait_for(self.connected.wait(), wait)
+        except TimeoutError as exc:
+            raise EngineError(f"OpenCode event stream did not connect within {wait:.0f}s") from exc
+
+    def reconnect(self) -> None:
+        """Drop the current connection and connect again at once (the server moved)."""
+        self.connected.clear()
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        delay = self._backoff
+        while True:
+            self._wake.clear()
+            try:
+                reader = asyncio.create_task(self._read_once())
+                waker = asyncio.create_task(self._wake.wait())
+                try:
+                    await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (reader, waker):
+                        task.cancel()
+                    await asyncio.gather(reader, waker, return_exceptions=True)
+                if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                    raise reader.exception()  # type: ignore[misc]
+                if self.connected.is_set():
+                    delay = self._backoff  # the stream had worked: reconnect quickly
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must survive anything
+                log.debug("opencode events: stream failed: %s", exc)
+            was_connected = self.connected.is_set()
+            self.connected.clear()
+            if was_connected:
+                log.info("opencode events: stream dropped, reconnecting")
+            self.broadcast(GAP)
+            if self._wake.is_set():
+                continue  # asked to reconnect: no backoff
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _read_once(self) -> None:
+        parser = SSEParser()
+        async with self._api.stream("/global/event") as resp:
+            while True:
+                chunk = await asyncio.wait_for(resp.content.readany(), READ_TIMEOUT)
+                if not chunk:
+                    return  # server closed the stream
+                for data in parser.feed(chunk):
+                    event = parse_global(data)
+                    if event is not None:
+                        await self._dispatch(event)
+
+    async def _dispatch(self, event: Event) -> None:
+        if event.type == "server.connected":
+            self.connections += 1
+            self.connected.set()
+            # Events between the drop and now are lost: let runs check their status.
+            if self.connections > 1:
+                self.broadcast(GAP)
+            return
+        for listener in self._listeners:
+            try:
+                await listener(event)
+            except Exception:
+                log.exception("opencode events: listener failed on %s", event.type)
+        sid = event.session_id
+        if sid is not None:
+            for sub in self._subs.get(sid, ()):
+                sub.queue.put_nowait(event)
+        elif event.type == "file.edited" and event.directory:
+            # file.edited names no session: hand it to the runs of that directory.
+            for subs in self._subs.values():
+                for sub in subs:
+                    if sub.directory == event.directory:
+                        sub.queue.put_nowait(event)

@@ -1,0 +1,41 @@
+"""Logging set-up for the sidecar: every record passes through the redaction layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from .redact import RedactingFilter, Redactor
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry)
+
+
+def setup_logging(redactor: Redactor, level: str = "INFO", fmt: str = "text") -> None:
+    """Send logs to stderr, redacted. Safe to call more than once."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter(redactor))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_ocbridge", False)]:
+        root.removeHandler(old)
+    handler._ocbridge = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Quieten chatty libraries; their warnings still show.
+    for name in ("nats", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,251 @@
+"""The scripted model's brain: turn a conversation into the next response. Pure logic, no I/O.
+
+The last user prompt is a small script, one command per line (or ``;``-separated):
+
+    create <path> with content <text>      write a file (``\\n`` in text means newline)
+    edit <path> replace <old> with <new>   edit a file
+    delete <path>                          ``rm -f`` through the bash tool
+    run <command>                          the bash tool
+    read <path>                            the read tool; the final text quotes its output
+    think <text>                           reasoning before the reply
+    slow <seconds>                         text streamed slowly for about that long
+    fail <status>                          the HTTP request fails with that status
+    recall                                 quote every earlier user prompt
+    anything else                          a plain "OK: ..." answer
+
+Each tool command is one model turn; the number of tool results since the prompt says which turn is
+next. Other commands attach to the turn of the next tool command, or to the final turn, which also
+summarises what the tools did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from .conversation import Conversation
+from .tools import Action, ToolCall, bind
+
+TOOL_COMMANDS = ("create", "edit", "delete", "run", "read")
+COMMANDS = (*TOOL_COMMANDS, "think", "slow", "fail", "recall")
+SLOW_TICK = 0.25  # seconds between deltas of a ``slow`` reply
+_SPLIT = re.compile(rf";\s*(?=(?:{'|'.join(COMMANDS)})\b)", re.IGNORECASE)
+_CREATE = re.compile(r"create\s+(\S+)\s+with\s+content(?:\s(.*))?", re.IGNORECASE | re.DOTALL)
+_EDIT = re.compile(r"edit\s+(\S+)\s+replace\s+(.+?)\s+with\s(.*)", re.IGNORECASE | re.DOTALL)
+_ESCAPES = re.compile(r"\\([nt\\])")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One parsed command: ``kind`` is a command keyword or ``"text"``; ``args`` its operands."""
+
+    kind: str
+    args: tuple[str, ...] = ()
+    line: str = ""
+
+    @property
+    def is_tool(self) -> bool:
+        return self.kind in TOOL_COMMANDS
+
+
+@dataclass(slots=True)
+class Reply:
+    """The next model response, before any wire format.
+
+    ``slow`` holds text deltas to stream ``slow_delay`` seconds apart, before ``text``. ``error`` set
+    means the HTTP request must fail with ``(status, message)`` instead.
+    """
+
+    reasoning: str = ""
+    slow: list[str] = field(default_factory=list)
+    slow_delay: float = 0.0
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    error: tuple[int, str] | None = None
+
+    @property
+    def full_text(self) -> str:
+        return "".join(self.slow) + self.text
+
+    @property
+    def finish(self) -> str:
+        """``"tool_calls"`` when the client must run tools and call back, else ``"stop"``."""
+        return "tool_calls" if self.tool_calls else "stop"
+
+
+def unescape(text: str) -> str:
+    """Turn ``\\n``, ``\\t`` and ``\\\\`` written in a prompt into the characters they name."""
+    return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def parse_step(line: str) -> Step:
+    """Parse one command line; unknown or malformed commands become ``text`` steps."""
+    line = line.strip()
+    word, _, rest = line.partition(" ")
+    word, rest = word.lower(), rest.strip()
+    if word == "create" and (m := _CREATE.fullmatch(line)):
+        return Step("create", (m.group(1), unescape(m.group(2) or "")), line)
+    if word == "edit" and (m := _EDIT.fullmatch(line)):
+        return Step("edit", (m.group(1), unescape(m.group(2)), unescape(m.group(3))), line)
+    if word in ("delete", "run", "read", "think") and rest:
+        return Step(word, (rest,), line)
+    if word == "slow" and _is_number(rest):
+        return Step("slow", (rest,), line)
+    if word == "fail" and rest.isdigit() and 400 <= int(rest) <= 599:
+        return Step("fail", (rest,), line)
+    if word == "recall" and not rest:
+        return Step("recall", (), line)
+    return Step("text", (line,), line)
+
+
+def parse_prompt(prompt: str) -> list[Step]:
+    """Split a prompt into steps: one per line, and lines split at ``;`` before a command keyword.
+
+    A prompt with no command at all is a single ``text`` step holding the whole prompt.
+    """
+    lines = [part for raw in prompt.splitlines() for part in _SPLIT.split(raw) if part.strip()]
+    steps = [parse_step(line) for line in lines]
+    if all(s.kind == "text" for s in steps):
+        return [Step("text", (prompt.strip(),), prompt.strip())] if prompt.strip() else []
+    return steps
+
+
+def split_turns(steps: list[Step]) -> list[list[Step]]:
+    """Group steps into model turns: each turn ends with one tool step; the last has none."""
+    turns: list[list[Step]] = [[]]
+    for step in steps:
+        turns[-1].append(step)
+        if step.is_tool:
+            turns.append([])
+    return turns
+
+
+def respond(conv: Conversation) -> Reply:
+    """Decide the next response to ``conv``."""
+    if not conv.tools:
+        return Reply(text=title_for(conv))
+    steps = parse_prompt(conv.prompt())
+    turns = split_turns(steps)
+    tool_steps = [s for s in steps if s.is_tool]
+    results = conv.results_since_prompt()
+    index = min(len(results), len(turns) - 1)
+    turn = turns[index]
+    reply = _plain_parts(turn, conv)
+    if reply.error:
+        return reply
+    if index < len(turns) - 1:  # a tool turn: its last step is the tool command
+        call = bind(plan_action(turn[-1], conv.working_directory()), conv, _call_id(conv, index))
+        if call is None:
+            reply.text += f"The {turn[-1].kind} command needs a tool this client does not offer."
+        else:
+            reply.tool_calls.append(call)
+        return reply
+    summary = summarize(tool_steps, results)
+    reply.text = "\n".join(t for t in (reply.text, summary) if t)
+    if not reply.text and not reply.slow:
+        reply.text = f"OK: {conv.prompt()[:80]}"
+    return reply
+
+
+def _plain_parts(turn: list[Step], conv: Conversation) -> Reply:
+    """The non-tool steps of a turn: reasoning, slow text, failure, recall and plain text."""
+    reply = Reply()
+    thoughts, texts = [], []
+    for step in turn:
+        if step.kind == "think":
+            thoughts.append(step.args[0])
+        elif step.kind == "fail":
+            status = int(step.args[0])
+            reply.error = (status, f"scripted failure {status}")
+            return reply
+        elif step.kind == "slow":
+            ticks = max(1, round(float(step.args[0]) / SLOW_TICK))
+            reply.slow, reply.slow_delay = ["slow "] * ticks, SLOW_TICK
+        elif step.kind == "recall":
+            earlier = conv.earlier_prompts()
+            quoted = ", ".join(f'"{p}"' for p in earlier)
+            texts.append(f"I remember: {quoted}" if earlier else "I remember nothing.")
+        elif step.kind == "text":
+            texts.append(f"OK: {step.args[0][:80]}")
+    reply.reasoning = "\n".join(thoughts)
+    reply.text = "\n".join(texts)
+    return reply
+
+
+def plan_action(step: Step, workdir: str | None) -> Action:
+    """The abstract tool action for a tool step, with paths made absolute against ``workdir``."""
+
+    def absolute(path: str) -> str:
+        if path.startswith("/") or not workdir:
+            return path
+        return posixpath.normpath(posixpath.join(workdir, path))
+
+    if step.kind == "create":
+        return Action("write", {"path": absolute(step.args[0]), "content": step.args[1]})
+    if step.kind == "edit":
+        path, old, new = step.args
+        return Action("edit", {"path": absolute(path), "old": old, "new": new})
+    if step.kind == "delete":
+        command = f"rm -f {shlex.quote(absolute(step.args[0]))}"
+        return Action("bash", {"command": command, "description": f"Delete {step.args[0]}"})
+    if step.kind == "run":
+        return Action("bash", {"command": step.args[0], "description": f"Run {step.args[0][:40]}"})
+    if step.kind == "read":
+        return Action("read", {"path": absolute(step.args[0])})
+    raise ValueError(f"not a tool step: {step.kind}")
+
+
+def summarize(tool_steps: list[Step], results: list[str]) -> str:
+    """The final text after tool turns: one sentence per tool, with read and command output."""
+    if not tool_steps:
+        return ""
+    lines = []
+    for step, result in zip(tool_steps, results, strict=False):
+        operand = step.args[0]
+        if step.kind == "create":
+            lines.append(f"Wrote {operand}.")
+        elif step.kind == "edit":
+            lines.append(f"Edited {operand}.")
+        elif step.kind == "delete":
+            lines.append(f"Deleted {operand}.")
+        elif step.kind == "read":
+            lines.append(f"Read {operand}:\n{result}")
+        else:
+            lines.append(f"Ran `{operand}`:\n{_tail(result)}")
+    return "Done. " + "\n".join(lines)
+
+
+def title_for(conv: Conversation) -> str:
+    """A short title for tool-less side requests (OpenCode's session title, Claude Code's checks)."""
+    texts = [m.prompt for m in conv.messages if m.prompt]
+    line = (texts[-1] if texts else "").strip().splitlines()
+    return (line[0][:50].strip() if line else "") or "Scripted session"
+
+
+def usage(prompt_chars: int, reply: Reply) -> tuple[int, int]:
+    """Deterministic ``(input_tokens, output_tokens)``: about four characters per token."""
+    out = len(reply.reasoning) + len(reply.full_text)
+    out += sum(len(c.name) + len(c.arguments_json) for c in reply.tool_calls)
+    return math.ceil(prompt_chars / 4), max(1, math.ceil(out / 4))
+
+
+def _tail(output: str, lines: int = 10, chars: int = 1000) -> str:
+    return "\n".join(output.rstrip().splitlines()[-lines:])[-chars:]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return 0 <= float(text) < 3600
+    except ValueError:
+        return False
+
+
+def _call_id(conv: Conversation, turn: int) -> str:
+    """Deterministic but unique within a conversation (the message count only grows)."""
+    seed: Any = f"{len(conv.messages)}:{turn}:{conv.prompt()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:24]

@@ -1,0 +1,269 @@
+"""Run one task: workspace, session, prompt, live events, one result.
+
+The pipeline knows nothing about JetStream (the worker acks and redelivers) and nothing about a
+particular agent (the engine does). It owns Station's event order, the timeout and cancellation,
+the session record in KV and the shape of the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+
+from client.protocol import (
+    EventSession,
+    EventType,
+    ResultMetrics,
+    ResultSession,
+    ResultWorkspace,
+    SessionState,
+    Task,
+    TaskResult,
+    TaskStatus,
+    iso_now,
+)
+
+from .config import BridgeConfig
+from .emitter import EventEmitter
+from .engines.base import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome
+from .redact import Redactor
+from .sessions import SessionStore
+from .workspace import Workspace, WorkspaceError, open_workspace
+
+log = logging.getLogger(__name__)
+
+
+class TaskFailure(Exception):
+    """A task cannot go on; becomes an error result with ``error_type``."""
+
+    def __init__(self, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclass
+class _Progress:
+    """What is known about a task so far, for the result whatever way it ends."""
+
+    workspace: Workspace | None = None
+    session_id: str | None = None
+    message_count: int | None = None
+    outcome: RunOutcome = field(default_factory=RunOutcome)
+
+
+class TaskPipeline:
+    """Turns a :class:`Task` into a :class:`TaskResult`, publishing live events on the way."""
+
+    def __init__(
+        self,
+        *,
+        nc: NATS,
+        engine: Engine,
+        sessions: SessionStore,
+        config: BridgeConfig,
+        redactor: Redactor,
+    ) -> None:
+        self._nc = nc
+        self._engine = engine
+        self._sessions = sessions
+        self._config = config
+        self._redactor = redactor
+
+    async def run(self, task: Task, cancel: asyncio.Event) -> TaskResult:
+        """Run ``task`` to its single result. ``cancel`` being set stops it with ``cancelled``."""
+        started = time.monotonic()
+        emitter = EventEmitter(
+            self._nc,
+            task.callback.stream_subject,
+            task.task_id,
+            self._redactor,
+            flush_interval=self._config.text_flush_interval,
+        )
+        progress = _Progress()
+        status, error, error_type = TaskStatus.COMPLETED, None, None
+        try:
+            async with self._sessions.lock(task.session.name):
+                status = await self._run_locked(task, cancel, emitter, progress)
+            outcome = progress.outcome
+            if status == TaskStatus.COMPLETED and outcome.error:
+                status, error, error_type = TaskStatus.ERROR, outcome.error, outcome.error_type or "engine_error"
+            elif status == TaskStatus.TIMEOUT:
+                error, error_type = f"task timed out after {self._timeout(task):.0f}s", "timeout"
+            elif status == TaskStatus.CANCELLED:
+                error, error_type = "task cancelled", "cancelled"
+        except asyncio.CancelledError:
+            # The sidecar is shutting down past its grace period: stop the agent, let the worker
+            # hand the task back for redelivery (no result from this attempt).
+            if progress.session_id and progress.workspace:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        asyncio.shield(self._engine.abort(progress.workspace.path, progress.session_id)), 5
+                    )
+            raise
+        except TaskFailure as exc:
+            status, error, error_type = TaskStatus.ERROR, str(exc), exc.error_type
+        except EngineError as exc:
+            status, error, error_type = TaskStatus.ERROR, str(exc), exc.error_type
+        except Exception as exc:
+            log.exception("task %s failed unexpectedly", task.task_id)
+            status, error, error_type = TaskStatus.ERROR, f"internal error: {exc}", "internal_error"
+        finally:
+            if progress.workspace is not None:
+                with contextlib.suppress(Exception):
+                    await self._engine.release(progress.workspace.path)
+
+        if error is not None and status == TaskStatus.ERROR:
+            with contextlib.suppress(Exception):
+                await emitter.emit(EventType.ERROR, content=self._redactor.text(error))
+        with contextlib.suppress(Exception):
+            await emitter.flush()
+        return self._result(task, status, error, error_type, progress, emitter, started)
+
+    # ------------------------------------------------------------------------------ the steps
+
+    async def _run_locked(
+        self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: _Progress
+    ) -> TaskStatus:
+        try:
+            workspace = open_workspace(self._config.workspace_root, task.workspace.name)
+        except WorkspaceError as exc:
+            raise TaskFailure(str(exc), "invalid_task") from None
+        except OSError as exc:
+            raise TaskFailure(f"cannot create workspace: {exc.strerror}", "workspace_error") from None
+        progress.workspace = workspace
+        await emitter.emit(
+            EventType.WORKSPACE_CREATED if workspace.created else EventType.WORKSPACE_REUSED,
+            content=str(workspace.path),
+        )
+
+        previous = await self._sessions.get(task.session.name) if task.session.reuse else None
+        existing_id = None
+        if previous is not None and Path(previous.workspace_path) == workspace.path:
+            existing_id = previous.opencode_id
+        handle = await self._engine.open_session(workspace.path, task.session.name, existing_id)
+        progress.session_id = handle.id
+        reused = not handle.created and previous is not None
+        await emitter.emit(
+            EventType.SESSION_REUSED if reused else EventType.SESSION_CREATED,
+            session=EventSession(name=task.session.name, opencodeID=handle.id),
+        )
+        state = SessionState(
+            sessionName=task.session.name,
+            opencodeID=handle.id,
+            workspaceName=task.workspace.name,
+            workspacePath=str(workspace.path),
+            created=previous.created if reused and previous else iso_now(),
+            lastUsed=iso_now(),
+            messageCount=previous.message_count if reused and previous else 0,
+            engine=self._engine.name,
+        )
+        await self._sessions.put(state)
+
+        if cancel.is_set():
+            return TaskStatus.CANCELLED
+        await emitter.emit(EventType.PROMPT_SENT, content=task.prompt)
+        request = PromptRequest(
+            directory=workspace.path, session_id=handle.id, prompt=task.prompt, model=task.model, agent=task.agent
+        )
+        status = await self._prompt(request, task, cancel, emitter, progress)
+
+        outcome = progress.outcome
+        state.message_count = outcome.message_count or state.message_count + 1
+        state.last_used = iso_now()
+        progress.message_count = state.message_count
+        await self._sessions.put(state)
+        return status
+
+    async def _prompt(
+        self,
+        request: PromptRequest,
+        task: Task,
+        cancel: asyncio.Event,
+        emitter: EventEmitter,
+        progress: _Progress,
+    ) -> TaskStatus:
+        """Run the prompt until it ends, the deadline passes or the task is cancelled."""
+
+        async def on_event(event: AgentEvent) -> None:
+            if event.kind == "text":
+                await emitter.delta(EventType.TEXT, event.content or "")
+            elif event.kind == "thinking":
+                await emitter.delta(EventType.THINKING, event.content or "")
+            elif event.kind == "tool_start" and event.tool is not None:
+                await emitter.tool(EventType.TOOL_START, event.tool)
+            elif event.kind == "tool_end" and event.tool is not None:
+                await emitter.tool(EventType.TOOL_END, event.tool)
+
+        run = asyncio.create_task(self._engine.run(request, on_event))
+        stopper = asyncio.create_task(cancel.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {run, stopper}, timeout=self._timeout(task), return_when=asyncio.FIRST_COMPLETED
+            )
+            if run in done:
+                progress.outcome = run.result()
+                return TaskStatus.COMPLETED
+            status = TaskStatus.CANCELLED if cancel.is_set() else TaskStatus.TIMEOUT
+            log.info("task %s: %s, aborting the agent", task.task_id, status.value)
+            progress.outcome = await self._abort(request, run)
+            return status
+        finally:
+            stopper.cancel()
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    await run
+
+    async def _abort(self, request: PromptRequest, run: asyncio.Task[RunOutcome]) -> RunOutcome:
+        grace = self._config.abort_grace
+        try:
+            await asyncio.wait_for(self._engine.abort(request.directory, request.session_id), grace)
+        except Exception as exc:
+            log.warning("abort of session %s failed: %s", request.session_id, exc)
+        try:
+            return await asyncio.wait_for(asyncio.shield(run), grace)
+        except Exception:
+            return RunOutcome(aborted=True)
+
+    def _timeout(self, task: Task) -> float:
+        return task.timeout / 1000 if task.timeout else self._config.default_task_timeout
+
+    def _result(
+        self,
+        task: Task,
+        status: TaskStatus,
+        error: str | None,
+        error_type: str | None,
+        progress: _Progress,
+        emitter: EventEmitter,
+        started: float,
+    ) -> TaskResult:
+        outcome = progress.outcome
+        workspace = progress.workspace
+        return TaskResult(
+            taskID=task.task_id,
+            status=status,
+            result=outcome.text or (error or ""),
+            session=ResultSession(
+                name=task.session.name, opencodeID=progress.session_id, messageCount=progress.message_count
+            ),
+            workspace=ResultWorkspace(
+                name=task.workspace.name, path=str(workspace.path) if workspace else None
+            ),
+            metrics=ResultMetrics(
+                duration=int((time.monotonic() - started) * 1000),
+                promptTokens=outcome.prompt_tokens,
+                completionTokens=outcome.completion_tokens,
+                toolCalls=max(outcome.tool_calls, emitter.tool_calls),
+                streamEvents=emitter.count,
+                cost=outcome.cost,
+            ),
+            error=error,
+            errorType=error_type,
+        )

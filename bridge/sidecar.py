@@ -1,0 +1,145 @@
+"""The sidecar process: NATS (embedded or external), the engine, the worker, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+
+from nats.aio.client import Client as NATS
+
+from client.connection import connect, redact_url
+
+from .config import BridgeConfig
+from .engines.base import Engine
+from .engines.factory import build_engine
+from .natsd import EmbeddedNats
+from .pipeline import TaskPipeline
+from .redact import Redactor, default_redactor
+from .sessions import SessionStore
+from .streams import ensure_buckets, ensure_consumer, ensure_dead_letter_stream, ensure_task_stream
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    """Runs tasks from NATS on an engine until stopped. ``async with Sidecar(cfg) as s: ...``."""
+
+    def __init__(
+        self, config: BridgeConfig, *, engine: Engine | None = None, redactor: Redactor | None = None
+    ) -> None:
+        self.config = config
+        self.redactor = redactor or default_redactor
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.engine = engine
+        self.nats_url: str | None = config.nats.url
+        self._embedded: EmbeddedNats | None = None
+        self._offline_model = None
+        self._nc: NATS | None = None
+        self.worker: Worker | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        for secret in (config.nats.password, config.nats.token, config.opencode.password):
+            if secret is not None:
+                self.redactor.add(secret.get_secret_value())
+        data_dir = config.data_dir.resolve()
+        config.workspace_root.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.nats_url:
+                self._embedded = EmbeddedNats(
+                    data_dir / "nats", host=config.embedded_nats.host, port=config.embedded_nats.port
+                )
+                self.nats_url = await self._embedded.start()
+                log.info("no NATS URL configured: embedded NATS at %s", self.nats_url)
+            offline_url = None
+            if config.offline_model:
+                from .offline_model.server import OfflineModelServer
+
+                self._offline_model = OfflineModelServer()
+                offline_url = await self._offline_model.start()
+                log.info("offline model at %s", offline_url)
+            if self.engine is None:
+                self.engine = build_engine(config, data_dir=data_dir, offline_model_url=offline_url)
+            await self.engine.start()
+
+            options = config.nats.model_copy(update={"url": self.nats_url, "name": f"ocbridge-{self.id}"})
+            self._nc = await connect(options)
+            log.info("connected to NATS at %s", redact_url(self.nats_url))
+            js = self._nc.jetstream()
+            naming, settings = config.naming, config.jetstream
+            stream = await ensure_task_stream(js, naming, settings)
+            await ensure_dead_letter_stream(js, naming)
+            await ensure_consumer(js, stream, naming, settings)
+            buckets = await ensure_buckets(js, naming, settings)
+            pipeline = TaskPipeline(
+                nc=self._nc,
+                engine=self.engine,
+                sessions=SessionStore(buckets.sessions, self.redactor),
+                config=config,
+                redactor=self.redactor,
+            )
+            self.worker = Worker(
+                nc=self._nc,
+                js=js,
+                stream=stream,
+                buckets=buckets,
+                pipeline=pipeline,
+                config=config,
+                redactor=self.redactor,
+                sidecar_id=self.id,
+            )
+            await self.worker.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: no new tasks, running ones get ``grace`` seconds, then everything is reaped."""
+        if self.worker is not None:
+            await self.worker.stop(grace)
+            self.worker = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.drain(), 5)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await self.engine.aclose()
+        if self._offline_model is not None:
+            with contextlib.suppress(Exception):
+                await self._offline_model.stop()
+            self._offline_model = None
+        if self._embedded is not None:
+            await self._embedded.stop()
+            self._embedded = None
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        log.info("sidecar %s ready; workspaces under %s", self.id, self.config.workspace_root)
+        try:
+            await stop.wait()
+            log.info("signal received: stopping (grace %.0fs)", self.config.shutdown_grace)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()

@@ -1,0 +1,120 @@
+"""NATS connection settings and a connect helper that retries instead of giving up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+log = logging.getLogger(__name__)
+
+
+class TLSOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if self.cert_file:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        if self.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+class NatsOptions(BaseModel):
+    """How to reach NATS. Secrets are :class:`SecretStr` so they never show in reprs or logs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None
+    tls: TLSOptions | None = None
+    name: str = "ocbridge"
+    connect_timeout: float = 5.0
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "servers": [u.strip() for u in (self.url or "nats://127.0.0.1:4222").split(",")],
+            "name": self.name,
+            "connect_timeout": self.connect_timeout,
+            # Reconnect for ever: a sidecar must survive a NATS restart.
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+            "allow_reconnect": True,
+        }
+        if self.user:
+            kwargs["user"] = self.user
+        if self.password:
+            kwargs["password"] = self.password.get_secret_value()
+        if self.token:
+            kwargs["token"] = self.token.get_secret_value()
+        if self.creds_file:
+            kwargs["user_credentials"] = str(self.creds_file)
+        if self.tls:
+            kwargs["tls"] = self.tls.context()
+        return kwargs
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats: %s", exc.__class__.__name__ if not str(exc) else exc)
+
+
+async def _log_disconnect() -> None:
+    log.warning("nats: disconnected, reconnecting")
+
+
+async def _log_reconnect() -> None:
+    log.info("nats: reconnected")
+
+
+async def connect(options: NatsOptions, *, retry_for: float | None = None, **extra: Any) -> NATS:
+    """Connect to NATS; a failed *first* connect is retried (for ever when ``retry_for`` is None).
+
+    nats-py only reconnects after a first success, so the first connect gets its own loop with
+    capped exponential backoff.
+    """
+    kwargs = options.connect_kwargs()
+    kwargs.setdefault("error_cb", _log_error)
+    kwargs.setdefault("disconnected_cb", _log_disconnect)
+    kwargs.setdefault("reconnected_cb", _log_reconnect)
+    kwargs.update(extra)
+    loop = asyncio.get_running_loop()
+    deadline = None if retry_for is None else loop.time() + retry_for
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(**kwargs)
+        except Exception as exc:
+            if deadline is not None and loop.time() + delay > deadline:
+                raise ConnectionError(f"cannot connect to NATS at {redact_url(options.url)}: {exc}") from None
+            log.warning("nats: first connect failed (%s), retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def redact_url(url: str | None) -> str:
+    """Drop ``user:pass@`` from a URL for display."""
+    if not url:
+        return "nats://127.0.0.1:4222"
+    out = []
+    for part in url.split(","):
+        scheme, sep, rest = part.partition("://")
+        if sep and "@" in rest:
+            rest = "***@" + rest.split("@", 1)[1]
+        out.append(scheme + sep + rest)
+    return ",".join(out)

@@ -1,0 +1,62 @@
+"""Human-readable rendering of events and results for the command line."""
+
+from __future__ import annotations
+
+import json
+
+from .protocol import StreamEvent, TaskResult, TaskStatus
+
+_COLORS = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
+
+
+def _c(text: str, color: str, enabled: bool) -> str:
+    return f"\033[{_COLORS[color]}m{text}\033[0m" if enabled else text
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_event(event: StreamEvent, *, color: bool = False) -> str:
+    """One line per event, e.g. ``[  5] ▶ write {"filePath": ...}``."""
+    head = _c(f"[{event.seq:3}]", "dim", color)
+    kind = event.type
+    if kind in ("text", "thinking"):
+        style = "bold" if kind == "text" else "dim"
+        return f"{head} {_c(kind + ':', style, color)} {_short(event.content or '', 400)}"
+    if kind == "tool_start" and event.tool:
+        return f"{head} {_c('▶ ' + event.tool.name, 'cyan', color)} {_short(event.tool.args or {})}"
+    if kind == "tool_end" and event.tool:
+        mark, style = ("✗", "red") if event.tool.error else ("✓", "green")
+        took = f" ({event.tool.duration} ms)" if event.tool.duration is not None else ""
+        return f"{head} {_c(f'{mark} {event.tool.name}{took}', style, color)} {_short(event.tool.output or '')}"
+    if kind == "error":
+        return f"{head} {_c('error:', 'red', color)} {event.content}"
+    detail = event.content or ""
+    if event.session:
+        detail = f"{event.session.name} ({event.session.opencode_id})"
+    if event.git:
+        detail = " ".join(str(v) for v in (event.git.url, event.git.branch, event.git.commit) if v)
+    return f"{head} {_c(kind, 'blue', color)} {_short(detail)}"
+
+
+def render_result(result: TaskResult, *, color: bool = False) -> str:
+    style = "green" if result.status == TaskStatus.COMPLETED else "red"
+    m = result.metrics
+    lines = [
+        _c(f"── {result.status.value} ", style, color) + f"in {m.duration / 1000:.1f}s, "
+        f"{m.prompt_tokens} prompt + {m.completion_tokens} completion tokens, {m.tool_calls} tool calls, "
+        f"{m.stream_events} events" + (f", cost ${m.cost:.4f}" if m.cost else ""),
+    ]
+    if result.session:
+        lines.append(f"session {result.session.name} ({result.session.opencode_id}), "
+                     f"{result.session.message_count or 0} messages")
+    if result.workspace and result.workspace.path:
+        lines.append(f"workspace {result.workspace.path}")
+    if result.error:
+        lines.append(_c(f"error ({result.error_type}): {result.error}", "red", color))
+    elif result.result:
+        lines.append(result.result)
+    return "\n".join(lines)
