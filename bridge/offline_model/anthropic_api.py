@@ -78,7 +78,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         body = await request.json()
     except ValueError:
         return web.json_response(error_body(400, "request body is not JSON"), status=400)
-    reply = respond(to_conversation(body))
+    reply = respond(to_conversation(body), nonce=uuid.uuid4().hex)
     if reply.error:
         status, message = reply.error
         # x-should-retry mirrors the real API so the client's retry policy sees what it expects.
@@ -158,9 +158,7 @@ def _blocks(reply: Reply) -> list[dict[str, Any]]:
     if reply.full_text:
         blocks.append({"type": "text", "text": reply.full_text})
     for call in reply.tool_calls:
-        blocks.append(
-            {"type": "tool_use", "id": f"toolu_{call.id}", "name": call.name, "input": call.arguments}
-        )
+        blocks.append({"type": "tool_use", "id": f"toolu_{call.id}", "name": call.name, "input": call.arguments})
     return blocks
 
 
@@ -181,9 +179,7 @@ def _empty(block: dict[str, Any]) -> dict[str, Any]:
     return {**block, **_EMPTY[block["type"]]}
 
 
-async def _stream(
-    request: web.Request, reply: Reply, model: str, tokens: tuple[int, int]
-) -> web.StreamResponse:
+async def _stream(request: web.Request, reply: Reply, model: str, tokens: tuple[int, int]) -> web.StreamResponse:
     resp = await open_stream(request, {"request-id": _request_id()})
 
     async def event(name: str, data: dict[str, Any]) -> None:

@@ -63,7 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
     except ValueError:
         return web.json_response(error_body(400, "request body is not JSON"), status=400)
-    reply = respond(to_conversation(body))
+    reply = respond(to_conversation(body), nonce=uuid.uuid4().hex)
     if reply.error:
         status, message = reply.error
         return web.json_response(error_body(status, message), status=status)
@@ -111,9 +111,7 @@ def _completion(reply: Reply, model: str, tokens: tuple[int, int]) -> dict[str, 
     }
 
 
-async def _stream(
-    request: web.Request, reply: Reply, model: str, tokens: tuple[int, int] | None
-) -> web.StreamResponse:
+async def _stream(request: web.Request, reply: Reply, model: str, tokens: tuple[int, int] | None) -> web.StreamResponse:
     resp = await open_stream(request)
     base = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

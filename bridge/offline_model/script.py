@@ -26,7 +26,6 @@ import posixpath
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
 
 from .conversation import Conversation
 from .tools import Action, ToolCall, bind
@@ -37,6 +36,7 @@ SLOW_TICK = 0.25  # seconds between deltas of a ``slow`` reply
 _SPLIT = re.compile(rf";\s*(?=(?:{'|'.join(COMMANDS)})\b)", re.IGNORECASE)
 _CREATE = re.compile(r"create\s+(\S+)\s+with\s+content(?:\s(.*))?", re.IGNORECASE | re.DOTALL)
 _EDIT = re.compile(r"edit\s+(\S+)\s+replace\s+(.+?)\s+with\s(.*)", re.IGNORECASE | re.DOTALL)
+_FILE_VERBS = {"create": ("Wrote", "Could not write"), "edit": ("Edited", "Could not edit")}
 _ESCAPES = re.compile(r"\\([nt\\])")
 
 
@@ -125,8 +125,12 @@ def split_turns(steps: list[Step]) -> list[list[Step]]:
     return turns
 
 
-def respond(conv: Conversation) -> Reply:
-    """Decide the next response to ``conv``."""
+def respond(conv: Conversation, nonce: str = "") -> Reply:
+    """Decide the next response to ``conv``.
+
+    ``nonce`` is mixed into tool call ids: the servers pass a random one so that concurrent sessions
+    running the same prompt never share ids; tests leave it empty for reproducible ids.
+    """
     if not conv.tools:
         return Reply(text=title_for(conv))
     steps = parse_prompt(conv.prompt())
@@ -139,7 +143,7 @@ def respond(conv: Conversation) -> Reply:
     if reply.error:
         return reply
     if index < len(turns) - 1:  # a tool turn: its last step is the tool command
-        call = bind(plan_action(turn[-1], conv.working_directory()), conv, _call_id(conv, index))
+        call = bind(plan_action(turn[-1], conv.working_directory()), conv, _call_id(conv, index, nonce))
         if call is None:
             reply.text += f"The {turn[-1].kind} command needs a tool this client does not offer."
         else:
@@ -207,10 +211,11 @@ def summarize(tool_steps: list[Step], results: list[str]) -> str:
     lines = []
     for step, result in zip(tool_steps, results, strict=False):
         operand = step.args[0]
-        if step.kind == "create":
-            lines.append(f"Wrote {operand}.")
-        elif step.kind == "edit":
-            lines.append(f"Edited {operand}.")
+        if step.kind in _FILE_VERBS:
+            # Both clients' write/edit tools say "...successfully" on success and explain failures.
+            ok, failed = _FILE_VERBS[step.kind]
+            succeeded = "success" in result.lower()
+            lines.append(f"{ok} {operand}." if succeeded else f"{failed} {operand}: {_tail(result)}")
         elif step.kind == "delete":
             lines.append(f"Deleted {operand}.")
         elif step.kind == "read":
@@ -245,7 +250,7 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _call_id(conv: Conversation, turn: int) -> str:
-    """Deterministic but unique within a conversation (the message count only grows)."""
-    seed: Any = f"{len(conv.messages)}:{turn}:{conv.prompt()}"
+def _call_id(conv: Conversation, turn: int, nonce: str) -> str:
+    """Unique within a conversation even without a nonce (the message count only grows)."""
+    seed = f"{nonce}:{len(conv.messages)}:{turn}:{conv.prompt()}"
     return hashlib.sha256(seed.encode()).hexdigest()[:24]

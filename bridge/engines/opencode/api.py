@@ -170,9 +170,7 @@ class OpenCodeAPI:
         await self.request("POST", f"/session/{session_id}/prompt_async", directory=directory, body=body)
 
     async def abort(self, directory: str, session_id: str, timeout: float | None = None) -> bool:
-        return bool(
-            await self.request("POST", f"/session/{session_id}/abort", directory=directory, timeout=timeout)
-        )
+        return bool(await self.request("POST", f"/session/{session_id}/abort", directory=directory, timeout=timeout))
 
     async def messages(self, directory: str, session_id: str) -> list[JSON]:
         """The whole history ``[{info, parts}]``, oldest first."""
@@ -189,9 +187,7 @@ class OpenCodeAPI:
     async def reply_permission(self, directory: str, request_id: str, reply: str) -> bool:
         """Answer a permission request with ``once``, ``always`` or ``reject``."""
         body = {"reply": reply}
-        return bool(
-            await self.request("POST", f"/permission/{request_id}/reply", directory=directory, body=body)
-        )
+        return bool(await self.request("POST", f"/permission/{request_id}/reply", directory=directory, body=body))
 
     async def reject_question(self, directory: str, request_id: str) -> bool:
         return bool(await self.request("POST", f"/question/{request_id}/reject", directory=directory))

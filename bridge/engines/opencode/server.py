@@ -1,0 +1,318 @@
+"""A managed, supervised ``opencode serve`` process.
+
+The server runs isolated (private HOME and XDG_* directories, the offline switches, HTTP Basic auth
+with a random password) and is restarted with backoff when it dies or stops answering health
+checks. Listeners hear ``"down"`` as soon as the process is lost (so runs in flight fail fast) and
+``"up"`` once a new one answers (so the engine reconnects its event stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Literal
+
+from bridge.engines.base import EngineError
+
+from .api import OpenCodeAPI
+from .settings import OFFLINE_SWITCHES, OpenCodeSettings
+
+log = logging.getLogger(__name__)
+
+_LISTENING = re.compile(r"opencode server listening on (https?://\S+)")
+SUPPORTED_MAJOR = 1
+TESTED_VERSION = (1, 18)
+
+ServerListener = Callable[[Literal["down", "up"]], Awaitable[None]]
+
+
+def check_version(version: str) -> None:
+    """Refuse a major version other than 1 (the HTTP API moved under ``/api`` in 2.x); warn when
+    the version is not the tested 1.18.x."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    if not match:
+        raise EngineError(f"OpenCode reported an unparsable version {version!r}")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major != SUPPORTED_MAJOR:
+        raise EngineError(
+            f"OpenCode {version} is not supported: this engine speaks the 1.x HTTP API (tested with 1.18.33)"
+        )
+    if (major, minor) != TESTED_VERSION:
+        log.warning("OpenCode %s has not been tested with this engine (tested: 1.18.33); expect surprises", version)
+
+
+class OpenCodeProcess:
+    """Start, supervise and stop one ``opencode serve``.
+
+    ``url`` and ``password`` describe the live server; the password is random per :meth:`start`
+    (unless the settings fix one), kept across supervisor restarts, and never logged.
+    """
+
+    def __init__(self, settings: OpenCodeSettings) -> None:
+        self.settings = settings
+        self.url: str | None = None
+        self.version: str | None = None
+        self.password: str = ""
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._listeners: list[ServerListener] = []
+        self._stopping = False
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.state_dir: Path | None = None
+        self.log_path: Path | None = None
+        self._log: IO[str] | None = None
+        self._api: OpenCodeAPI | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def add_listener(self, listener: ServerListener) -> None:
+        """Call ``listener("down")`` when the server is lost and ``listener("up")`` after a restart."""
+        self._listeners.append(listener)
+
+    async def start(self) -> str:
+        """Launch the server and return its URL once it answers a health check."""
+        s = self.settings
+        self._stopping = False
+        self.password = s.password or secrets.token_urlsafe(24)
+        if s.state_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="opencode-state-")
+            self.state_dir = Path(self._tmp.name)
+        else:
+            self.state_dir = Path(s.state_dir)
+        self._prepare_state_dir(self.state_dir)
+        self._api = OpenCodeAPI("http://127.0.0.1", username=s.username, password=self.password)
+        try:
+            await self._launch()
+        except BaseException:
+            await self.stop()
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(), name="opencode-supervisor")
+        return self.url  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        """Stop supervising, terminate the process group (SIGTERM, then SIGKILL) and reap it."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._terminate()
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # ----------------------------------------------------------------------------- launching
+
+    def _prepare_state_dir(self, root: Path) -> None:
+        for sub in ("home", "config", "data", "cache", "state"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        # With node_modules present OpenCode skips its background `npm install @opencode-ai/plugin`.
+        oc_config = root / "config" / "opencode"
+        (oc_config / "node_modules").mkdir(parents=True, exist_ok=True)
+        package = oc_config / "package.json"
+        if not package.exists():
+            package.write_text("{}\n")
+        self.log_path = root / "opencode-server.log"
+        self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived
+
+    def _environment(self) -> dict[str, str]:
+        s, root = self.settings, self.state_dir
+        assert root is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCODE_", "XDG_"))}
+        path = [*s.extra_path, env.get("PATH", "/usr/bin:/bin")]
+        env.update(
+            HOME=str(root / "home"),
+            XDG_CONFIG_HOME=str(root / "config"),
+            XDG_DATA_HOME=str(root / "data"),
+            XDG_CACHE_HOME=str(root / "cache"),
+            XDG_STATE_HOME=str(root / "state"),
+            PATH=os.pathsep.join(path),
+            OPENCODE_CONFIG_CONTENT=json.dumps(s.opencode_config()),
+            OPENCODE_SERVER_PASSWORD=self.password,
+            OPENCODE_SERVER_USERNAME=s.username,
+        )
+        env.update(OFFLINE_SWITCHES)
+        env.update(s.extra_env)
+        return env
+
+    async def _launch(self) -> None:
+        s = self.settings
+        binary = _resolve_binary(s.binary)
+        args = [binary, "serve", "--hostname", s.host, "--port", str(s.port)]
+        self._write_log(f"--- starting {' '.join(args)}")
+        started = time.monotonic()
+        self._proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._environment(),
+            cwd=str(self.state_dir),
+            start_new_session=True,  # own process group: stop() kills the tools it spawned too
+        )
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pump = asyncio.create_task(self._pump_output(self._proc, ready), name="opencode-output")
+        try:
+            url = await asyncio.wait_for(asyncio.shield(ready), s.startup_timeout)
+        except TimeoutError as exc:
+            await self._terminate()
+            raise EngineError(
+                f"OpenCode did not start listening within {s.startup_timeout:.0f}s (log: {self.log_path})"
+            ) from exc
+        except EngineError:
+            await self._terminate()
+            raise
+        self.url = url
+        assert self._api is not None
+        self._api.set_endpoint(url, self.password)
+        try:
+            health = await self._api.health(timeout=min(10.0, s.startup_timeout))
+        except EngineError:
+            await self._terminate()
+            raise
+        self.version = str(health.get("version", ""))
+        try:
+            check_version(self.version)
+        except EngineError:
+            await self._terminate()
+            raise
+        log.info(
+            "OpenCode %s listening on %s (pid %s, %.1fs)",
+            self.version,
+            url,
+            self._proc.pid,
+            time.monotonic() - started,
+        )
+
+    async def _pump_output(self, proc: asyncio.subprocess.Process, ready: asyncio.Future[str]) -> None:
+        """Copy the server's output to its log file; resolve ``ready`` with the listening URL."""
+        assert proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the stream limit: skip the rest of it
+                continue
+            if not line:
+                break
+            text = line.decode("utf-8", errors="replace").rstrip()
+            self._write_log(text)
+            match = _LISTENING.search(text)
+            if match and not ready.done():
+                ready.set_result(match.group(1).rstrip("/"))
+        code = await proc.wait()
+        if not ready.done():
+            ready.set_exception(
+                EngineError(f"OpenCode exited with code {code} before listening (log: {self.log_path})")
+            )
+
+    def _write_log(self, text: str) -> None:
+        if self._log is not None:
+            if self.password:
+                text = text.replace(self.password, "***")
+            self._log.write(text + "\n")
+            self._log.flush()
+
+    async def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.settings.stop_timeout)
+            except TimeoutError:
+                log.warning("OpenCode (pid %s) ignored SIGTERM; killing it", proc.pid)
+                _kill_group(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5.0)
+        if proc is not None:
+            _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group (tools started by bash)
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(pump, 2.0)
+            if not pump.done():
+                pump.cancel()
+
+    # ----------------------------------------------------------------------------- supervising
+
+    async def _supervise(self) -> None:
+        s = self.settings
+        while not self._stopping:
+            reason = await self._watch()
+            if self._stopping:
+                return
+            log.warning("OpenCode server lost (%s); restarting (log: %s)", reason, self.log_path)
+            self._write_log(f"--- server lost: {reason}")
+            await self._terminate()
+            await self._notify("down")
+            delay = s.restart_backoff
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch()
+                except EngineError as exc:
+                    log.warning("OpenCode restart failed: %s; retrying in %.1fs", exc, delay)
+                    delay = min(delay * 2, s.restart_backoff_max)
+                    continue
+                self.restarts += 1
+                await self._notify("up")
+                break
+
+    async def _watch(self) -> str:
+        """Return why the server is considered lost: exited, or too many failed health checks."""
+        s, proc, failures = self.settings, self._proc, 0
+        assert proc is not None and self._api is not None
+        while True:
+            try:
+                code = await asyncio.wait_for(asyncio.shield(proc.wait()), s.health_interval)
+                return f"exited with code {code}"
+            except TimeoutError:
+                pass
+            try:
+                await self._api.health(timeout=min(5.0, s.health_interval))
+                failures = 0
+            except EngineError as exc:
+                failures += 1
+                log.warning("OpenCode health check failed (%d/%d): %s", failures, s.health_failures, exc)
+                if failures >= s.health_failures:
+                    return f"{failures} failed health checks"
+
+    async def _notify(self, what: Literal["down", "up"]) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(what)
+            except Exception:
+                log.exception("OpenCode server listener failed on %r", what)
+
+
+def _resolve_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise EngineError(f"OpenCode binary not found or not executable: {name}")
+    return path
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
