@@ -71,7 +71,11 @@ async def test_sidecar_killed_mid_task_its_task_completes_on_the_other(two_sidec
     handle = await client.submit("slow 4\ncreate survived.txt with content yes", workspace="ws-kill",
                                  session="s-kill")
     results = []
-    sub = await client.nc.subscribe(handle.result_subject, cb=lambda m: results.append(m.data) or asyncio.sleep(0))
+
+    async def on_result(msg):
+        results.append(msg.data)
+
+    sub = await client.nc.subscribe(handle.result_subject, cb=on_result)
     async for event in handle.events(timeout=60):
         if event.type == "prompt_sent":
             break

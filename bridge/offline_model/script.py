@@ -46,7 +46,6 @@ class Step:
 
     kind: str
     args: tuple[str, ...] = ()
-    line: str = ""
 
     @property
     def is_tool(self) -> bool:
@@ -89,18 +88,18 @@ def parse_step(line: str) -> Step:
     word, _, rest = line.partition(" ")
     word, rest = word.lower(), rest.strip()
     if word == "create" and (m := _CREATE.fullmatch(line)):
-        return Step("create", (m.group(1), unescape(m.group(2) or "")), line)
+        return Step("create", (m.group(1), unescape(m.group(2) or "")))
     if word == "edit" and (m := _EDIT.fullmatch(line)):
-        return Step("edit", (m.group(1), unescape(m.group(2)), unescape(m.group(3))), line)
+        return Step("edit", (m.group(1), unescape(m.group(2)), unescape(m.group(3))))
     if word in ("delete", "run", "read", "think") and rest:
-        return Step(word, (rest,), line)
+        return Step(word, (rest,))
     if word == "slow" and _is_number(rest):
-        return Step("slow", (rest,), line)
+        return Step("slow", (rest,))
     if word == "fail" and rest.isdigit() and 400 <= int(rest) <= 599:
-        return Step("fail", (rest,), line)
+        return Step("fail", (rest,))
     if word == "recall" and not rest:
-        return Step("recall", (), line)
-    return Step("text", (line,), line)
+        return Step("recall", ())
+    return Step("text", (line,))
 
 
 def parse_prompt(prompt: str) -> list[Step]:
@@ -111,7 +110,7 @@ def parse_prompt(prompt: str) -> list[Step]:
     lines = [part for raw in prompt.splitlines() for part in _SPLIT.split(raw) if part.strip()]
     steps = [parse_step(line) for line in lines]
     if all(s.kind == "text" for s in steps):
-        return [Step("text", (prompt.strip(),), prompt.strip())] if prompt.strip() else []
+        return [Step("text", (prompt.strip(),))] if prompt.strip() else []
     return steps
 
 
@@ -227,6 +226,8 @@ def summarize(tool_steps: list[Step], results: list[str]) -> str:
 
 def title_for(conv: Conversation) -> str:
     """A short title for tool-less side requests (OpenCode's session title, Claude Code's checks)."""
+    if "isNewTopic" in conv.system:  # Claude Code's interactive topic check wants this JSON
+        return '{"isNewTopic": false, "title": null}'
     texts = [m.prompt for m in conv.messages if m.prompt]
     line = (texts[-1] if texts else "").strip().splitlines()
     return (line[0][:50].strip() if line else "") or "Scripted session"

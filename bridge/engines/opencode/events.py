@@ -68,43 +68,50 @@ class SSEParser:
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scan = 0  # where to resume looking for a line end (no quadratic rescans)
         self._data: list[str] = []
 
     def feed(self, chunk: bytes) -> list[str]:
         """Add received bytes; return the data of every event completed by them."""
         self._buffer += chunk
         out: list[str] = []
+        pos = 0
         while True:
-            cut = _line_end(self._buffer)
+            cut = _line_end(self._buffer, max(pos, self._scan))
             if cut is None:
-                return out
+                break
             end, skip = cut
-            line = self._buffer[:end].decode("utf-8", errors="replace")
-            self._buffer = self._buffer[end + skip :]
-            if not line:
-                if self._data:
-                    out.append("\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value[1:] if value.startswith(" ") else value)
-            # "event", "id" and "retry" fields carry nothing OpenCode relies on.
+            self._line(self._buffer[pos:end].decode("utf-8", errors="replace"), out)
+            pos = self._scan = end + skip
+        del self._buffer[:pos]
+        self._scan = max(0, len(self._buffer) - 1)  # a trailing CR may still become CRLF
+        return out
+
+    def _line(self, line: str, out: list[str]) -> None:
+        if not line:
+            if self._data:
+                out.append("\n".join(self._data))
+                self._data = []
+            return
+        if line.startswith(":"):
+            return
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        # "event", "id" and "retry" fields carry nothing OpenCode relies on.
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """Index and length of the first line terminator, or ``None`` when no full line is buffered."""
-    lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
+def _line_end(buffer: bytearray, start: int) -> tuple[int, int] | None:
+    """Index and length of the first line terminator at or after ``start``, or ``None``."""
+    lf, cr = buffer.find(b"\n", start), buffer.find(b"\r", start)
     if cr == -1 and lf == -1:
         return None
     if cr == -1 or (lf != -1 and lf < cr):
         return lf, 1
     if cr + 1 == len(buffer):
         return None  # a CR at the end may be the first half of CRLF: wait for more
-    return cr, 2 if buffer[cr + 1 : cr + 2] == b"\n" else 1
+    return cr, 2 if buffer[cr + 1] == 0x0A else 1
 
 
 def parse_global(data: str) -> Event | None:

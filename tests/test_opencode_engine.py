@@ -1,0 +1,414 @@
+"""The OpenCode HTTP engine: pure translation tests, then a real ``opencode serve`` + the offline model.
+
+The real-server tests share one managed OpenCode per module (starting one takes ~1.5 s) and give each
+test its own workspace directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.engines.base import AgentEvent, EngineError, PromptRequest
+from bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
+from bridge.engines.opencode.api import OpenCodeAPI
+from bridge.engines.opencode.engine import new_message_id
+from bridge.engines.opencode.events import SSEParser, parse_global
+from bridge.engines.opencode.server import check_version
+from bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENCODE = ROOT / ".tools/npm/node_modules/.bin/opencode"
+SAMPLES = Path(os.environ.get("OPENCODE_SAMPLES", "/work/shared/reference/samples"))
+SAMPLE_SESSION = "ses_e036746dfffeENocylOyHXO5y5"
+
+
+def sample(name: str) -> Any:
+    path = SAMPLES / name
+    if not path.exists():
+        pytest.skip(f"sample {path} not available")
+    if name.endswith(".jsonl"):
+        return [json.loads(line)["event"] for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------ translate
+
+
+def test_translator_on_captured_write_prompt() -> None:
+    events = sample("opencode_sse_events_one_prompt.jsonl")
+    tr = RunTranslator(SAMPLE_SESSION)
+    out = [e for payload in events for e in tr.feed(payload)]
+    kinds = [e.kind for e in out]
+    assert kinds == ["tool_start", "tool_end", "text", "text", "text", "text"]
+    start, end = out[0].tool, out[1].tool
+    assert start.name == "write" and start.call_id == "call_6cd2b5842f6a"
+    assert start.args == {"filePath": "/workspaces/ws_main/hello.txt", "content": "Hello World"}
+    completed = next(
+        p["properties"]["part"]
+        for p in events
+        if p["type"] == "message.part.updated" and p["properties"]["part"].get("state", {}).get("status") == "completed"
+    )
+    times = completed["state"]["time"]
+    assert end.output == "Wrote file successfully." and end.error is False
+    assert end.duration == times["end"] - times["start"] > 0
+    # The user's own text part ("create hello.txt ...") is not reported as agent text.
+    assert "".join(e.content for e in out if e.kind == "text") == "Done. Wrote file successfully."
+    assert (tr.prompt_tokens, tr.completion_tokens, tr.tool_calls) == (2452 + 2539, 36 + 10, 1)
+    assert "/workspaces/ws_main/hello.txt" in tr.files_edited
+
+
+def test_translator_reasoning_whole_parts_and_errors() -> None:
+    sid, user, asst = "ses_x", "msg_u", "msg_a"
+
+    def ev(kind: str, **props: Any) -> dict[str, Any]:
+        return {"type": kind, "properties": {"sessionID": sid, **props}}
+
+    tr = RunTranslator(sid, user)
+    feed = [
+        ev("message.updated", info={"id": user, "role": "user"}),
+        ev("message.part.updated", part={"id": "p0", "messageID": user, "type": "text", "text": "hi", "time": {"end": 1}}),
+        ev("message.updated", info={"id": asst, "role": "assistant"}),
+        ev("message.part.updated", part={"id": "p1", "messageID": asst, "type": "reasoning", "text": ""}),
+        ev("message.part.delta", messageID=asst, partID="p1", field="text", delta="hmm "),
+        ev("message.part.updated", part={"id": "p1", "messageID": asst, "type": "reasoning", "text": "hmm ", "time": {"end": 2}}),
+        # A text part that arrives whole, without deltas, is still reported (once).
+        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hel", "time": {"start": 1}}),
+        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}}),
+        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}}),
+        ev(
+            "message.part.updated",
+            part={"id": "p3", "messageID": asst, "type": "tool", "tool": "bash", "callID": "c1",
+                  "state": {"status": "error", "input": {"command": "false"}, "error": "boom",
+                            "time": {"start": 10, "end": 25}}},
+        ),
+        ev("session.error", error={"name": "APIError", "data": {"message": "x"}}),
+        {"type": "message.part.delta", "properties": {"sessionID": "other", "messageID": "m", "partID": "q",
+                                                      "field": "text", "delta": "not ours"}},
+    ]
+    out = [e for payload in feed for e in tr.feed(payload)]
+    assert [(e.kind, e.content) for e in out[:2]] == [("thinking", "hmm "), ("text", "Hello")]
+    assert [e.kind for e in out[2:]] == ["tool_start", "tool_end"]
+    assert out[3].tool.error is True and out[3].tool.output == "boom" and out[3].tool.duration == 15
+    assert tr.saw_user_message and tr.error["name"] == "APIError"
+
+
+def test_outcome_from_captured_messages() -> None:
+    messages = sample("opencode_session_messages.json")
+    user_id = messages[0]["info"]["id"]
+    outcome = outcome_from_messages(messages, user_id)
+    assert outcome.text == "Done. Wrote file successfully."
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (2452 + 2539, 36 + 10)
+    assert (outcome.tool_calls, outcome.message_count, outcome.aborted, outcome.error) == (1, 1, False, None)
+    assert outcome.files_edited == ["/workspaces/ws_main/hello.txt"]
+    assert run_finished(messages, user_id)
+
+    aborted = sample("opencode_session_messages_aborted.json")
+    outcome = outcome_from_messages(aborted, aborted[0]["info"]["id"])
+    assert outcome.aborted and outcome.error is None and outcome.text == "slow slow slow"
+
+    failed = [aborted[0], {"info": {**aborted[1]["info"], "error": {
+        "name": "APIError", "data": {"message": "bad request", "statusCode": 400}}}, "parts": []}]
+    outcome = outcome_from_messages(failed, None)
+    assert outcome.error_type == "provider_error" and "bad request" in outcome.error and "400" in outcome.error
+    assert not run_finished(aborted[:1], aborted[0]["info"]["id"])
+
+
+def test_sse_parser_handles_splits_multiline_comments_and_huge_lines() -> None:
+    big = "x" * 300_000
+    stream = (
+        b": heartbeat comment\r\n\r\n"
+        b"data: {\"a\":\r\ndata: 1}\r\n\r\n"
+        b"event: message\nid: 7\ndata: " + json.dumps({"payload": {"type": "t", "properties": {"s": big}},
+                                                     "directory": "/w"}).encode() + b"\n\n"
+        b"data: last\r\r\n"
+    )
+    for step in (1, 7, 4096, len(stream)):
+        parser, got = SSEParser(), []
+        for i in range(0, len(stream), step):
+            got += parser.feed(stream[i : i + step])
+        assert got[0] == '{"a":\n1}' and got[2] == "last", step
+        event = parse_global(got[1])
+        assert event.directory == "/w" and event.type == "t" and len(event.properties["s"]) == len(big)
+
+
+def test_settings_versions_and_message_ids(caplog: pytest.LogCaptureFixture) -> None:
+    s = OpenCodeSettings(config={"model": "offline/scripted", "permission": {"bash": "ask"}})
+    config = s.opencode_config()
+    assert config["permission"] == {"*": "allow", "question": "deny", "doom_loop": "deny",
+                                    "external_directory": "deny", "bash": "ask"}
+    assert config["model"] == "offline/scripted" and config["autoupdate"] is False
+    assert s.permission_reply("bash") == "once" and s.permission_reply("external_directory") == "reject"
+    assert OpenCodeSettings(permission_policy="deny").permission_reply("bash") == "reject"
+
+    check_version("1.18.33")
+    with pytest.raises(EngineError, match="not supported"):
+        check_version("2.0.1")
+    with caplog.at_level(logging.WARNING):
+        check_version("1.17.2")
+    assert "not been tested" in caplog.text
+
+    ids = [new_message_id() for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    assert all(i.startswith("msg_") and len(i) == 30 for i in ids)
+
+
+# ------------------------------------------------------------------------------- real OpenCode
+
+
+class Recorder:
+    """An ``on_event`` sink that keeps every event with its arrival time."""
+
+    def __init__(self) -> None:
+        self.events: list[AgentEvent] = []
+        self.times: list[float] = []
+        self.first = asyncio.Event()
+
+    async def __call__(self, event: AgentEvent) -> None:
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        self.first.set()
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    def text(self, kind: str = "text") -> str:
+        return "".join(e.content or "" for e in self.events if e.kind == kind)
+
+
+@pytest.fixture(scope="module")
+async def model() -> AsyncIterator[str]:
+    from bridge.offline_model.server import OfflineModelServer
+
+    server = OfflineModelServer()
+    url = await server.start()
+    yield url
+    await server.stop()
+
+
+def settings_for(model_url: str, state_dir: Path, **overrides: Any) -> OpenCodeSettings:
+    from bridge.offline_model.configs import opencode_provider_config
+
+    if not OPENCODE.exists():
+        pytest.skip("opencode is not installed: run scripts/setup")
+    values: dict[str, Any] = {
+        "binary": str(OPENCODE),
+        "state_dir": state_dir,
+        "config": opencode_provider_config(model_url + "/v1"),
+        "extra_path": [str(ROOT / ".venv/bin")],
+        "idle_dispose_seconds": 1.0,
+        "restart_backoff": 0.2,
+        "status_poll_interval": 1.0,
+    }
+    values.update(overrides)
+    return OpenCodeSettings(**values)
+
+
+@pytest.fixture(scope="module")
+async def engine(model: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpenCodeEngine]:
+    eng = OpenCodeEngine(settings_for(model, tmp_path_factory.mktemp("opencode-state")))
+    started = time.monotonic()
+    await eng.start()
+    logging.getLogger(__name__).info("opencode engine started in %.2fs", time.monotonic() - started)
+    yield eng
+    process = eng.process
+    await eng.aclose()
+    assert process is not None and process.pid is None  # reaped
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+async def run(engine: OpenCodeEngine, ws: Path, sid: str, prompt: str, rec: Recorder | None = None):
+    return await asyncio.wait_for(engine.run(PromptRequest(ws, sid, prompt), rec or Recorder()), 30)
+
+
+
+@pytest.mark.opencode
+async def test_write_prompt_streams_events_and_creates_file(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "write test", None)
+    assert handle.created and handle.id.startswith("ses_")
+    rec = Recorder()
+    outcome = await run(engine, workspace, handle.id, "create hello.txt with content Hello World", rec)
+    assert (workspace / "hello.txt").read_text() == "Hello World"
+    kinds = rec.kinds()
+    assert kinds.index("tool_start") < kinds.index("tool_end") < kinds.index("text")
+    start, end = rec.events[kinds.index("tool_start")].tool, rec.events[kinds.index("tool_end")].tool
+    assert start.name == "write" and start.args["content"] == "Hello World"
+    assert end.call_id == start.call_id and end.error is False and end.duration is not None
+    assert kinds.count("text") >= 2  # streamed as deltas
+    assert outcome.text == rec.text() and "hello.txt" in outcome.text
+    assert outcome.prompt_tokens > 0 and outcome.completion_tokens > 0
+    assert (outcome.tool_calls, outcome.message_count, outcome.error) == (1, 1, None)
+    assert str(workspace / "hello.txt") in outcome.files_edited
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_second_prompt_continues_the_session(engine: OpenCodeEngine, workspace: Path) -> None:
+    first = await engine.open_session(workspace, "memory", None)
+    await run(engine, workspace, first.id, "the password is swordfish")
+    again = await engine.open_session(workspace, "memory", first.id)
+    assert again.id == first.id and not again.created
+    outcome = await run(engine, workspace, first.id, "recall")
+    assert outcome.message_count == 2 and "swordfish" in outcome.text
+    await engine.release(workspace)
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_bash_tool_duration_and_thinking(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "bash", None)
+    rec = Recorder()
+    outcome = await run(engine, workspace, handle.id, "think about sleeping\nrun sleep 0.3 && echo woke", rec)
+    end = next(e.tool for e in rec.events if e.kind == "tool_end")
+    assert end.name == "bash" and "woke" in end.output and end.duration >= 250
+    assert rec.text("thinking") and rec.kinds().index("thinking") < rec.kinds().index("tool_start")
+    assert outcome.error is None and outcome.tool_calls == 1
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_abort_during_slow_stream(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "abort", None)
+    rec = Recorder()
+    task = asyncio.create_task(run(engine, workspace, handle.id, "slow 20", rec))
+    await asyncio.wait_for(rec.first.wait(), 15)
+    asked = time.monotonic()
+    await engine.abort(workspace, handle.id)
+    outcome = await asyncio.wait_for(task, 5)
+    assert time.monotonic() - asked < 3
+    assert outcome.aborted and outcome.error is None and outcome.text.startswith("slow")
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_provider_error(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "fail", None)
+    outcome = await run(engine, workspace, handle.id, "fail 400")
+    assert outcome.error_type == "provider_error" and "400" in outcome.error and not outcome.aborted
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_unknown_existing_session_creates_a_new_one(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "unknown", "ses_doesnotexist0000000000000")
+    assert handle.created and handle.id != "ses_doesnotexist0000000000000"
+    outcome = await run(engine, workspace, handle.id, "hello")
+    assert outcome.message_count == 1 and outcome.error is None
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_permissions_are_answered_by_policy(engine: OpenCodeEngine, workspace: Path) -> None:
+    # A session whose own rules make bash ask: the engine answers "once" and the run completes.
+    assert engine.api is not None
+    info = await engine.api.create_session(
+        str(workspace), "ask", permission=[{"permission": "bash", "pattern": "*", "action": "ask"}]
+    )
+    rec = Recorder()
+    outcome = await run(engine, workspace, info["id"], "run echo permitted", rec)
+    end = next(e.tool for e in rec.events if e.kind == "tool_end")
+    assert end.error is False and "permitted" in end.output and outcome.error is None
+    # Writing outside the session directory is refused (tool error), not left hanging.
+    rec = Recorder()
+    outside = workspace.parent / "outside.txt"
+    outcome = await run(engine, workspace, info["id"], f"create {outside} with content nope", rec)
+    end = next(e.tool for e in rec.events if e.kind == "tool_end")
+    assert end.error is True and not outside.exists() and outcome.error is None
+
+
+@pytest.mark.opencode
+async def test_idle_directories_are_disposed_and_sessions_survive(
+    engine: OpenCodeEngine, tmp_path: Path
+) -> None:
+    idle, busy = tmp_path / "idle", tmp_path / "busy"
+    idle.mkdir(), busy.mkdir()
+    first = await engine.open_session(idle, "dispose", None)
+    await run(engine, idle, first.id, "remember the number 4217")
+    held = await engine.open_session(busy, "held", None)
+    await run(engine, busy, held.id, "hello")
+    await engine.release(idle)  # busy stays held (in use)
+    deadline = time.monotonic() + 10
+    while str(idle) not in engine.disposed and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert str(idle) in engine.disposed
+    assert str(busy) not in engine.disposed
+    again = await engine.open_session(idle, "dispose", first.id)
+    assert not again.created
+    outcome = await run(engine, idle, first.id, "recall")
+    assert "4217" in outcome.text and outcome.message_count == 2
+    await engine.release(idle)
+    await engine.release(busy)
+
+
+@pytest.mark.opencode
+async def test_password_protects_the_server(engine: OpenCodeEngine) -> None:
+    assert engine.process is not None and engine.url is not None
+    password = engine.process.password
+    async with aiohttp.ClientSession() as http:
+        async with http.get(engine.url + "/session") as resp:
+            assert resp.status == 401
+        async with http.get(engine.url + "/session", auth=aiohttp.BasicAuth("opencode", "wrong")) as resp:
+            assert resp.status == 401
+        async with http.get(engine.url + "/global/health", auth=aiohttp.BasicAuth("opencode", password)) as resp:
+            assert resp.status == 200 and (await resp.json())["version"].startswith("1.")
+    api = OpenCodeAPI(engine.url, password="wrong")
+    with pytest.raises(EngineError, match="401") as caught:
+        await api.health()
+    await api.aclose()
+    assert password not in str(caught.value)
+    assert engine.process.log_path is not None
+    assert password not in engine.process.log_path.read_text()
+
+
+@pytest.mark.opencode
+async def test_connect_to_existing_server(engine: OpenCodeEngine, model: str, workspace: Path) -> None:
+    assert engine.process is not None
+    settings = OpenCodeSettings(url=engine.url, password=engine.process.password)
+    async with OpenCodeEngine(settings) as attached:
+        handle = await attached.open_session(workspace, "attached", None)
+        outcome = await run(attached, workspace, handle.id, "create a.txt with content attached")
+        assert (workspace / "a.txt").read_text() == "attached" and outcome.error is None
+    assert engine.process.pid is not None  # the managed server is still running
+
+
+@pytest.mark.opencode
+async def test_server_killed_mid_run_is_restarted(engine: OpenCodeEngine, workspace: Path) -> None:
+    process = engine.process
+    assert process is not None and process.pid is not None and engine.events is not None
+    handle = await engine.open_session(workspace, "restart", None)
+    await run(engine, workspace, handle.id, "remember the colour teal")
+    rec = Recorder()
+    task = asyncio.create_task(run(engine, workspace, handle.id, "slow 20", rec))
+    await asyncio.wait_for(rec.first.wait(), 15)
+    restarts, killed_at = process.restarts, time.monotonic()
+    os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(EngineError, match="lost"):
+        await asyncio.wait_for(task, 10)
+    assert time.monotonic() - killed_at < 5
+    deadline = time.monotonic() + 20
+    while (process.restarts == restarts or not engine.events.connected.is_set()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert process.restarts == restarts + 1
+    logging.getLogger(__name__).info("opencode restarted in %.2fs", time.monotonic() - killed_at)
+    again = await engine.open_session(workspace, "restart", handle.id)
+    assert not again.created
+    outcome = await run(engine, workspace, handle.id, "recall")
+    assert "teal" in outcome.text and outcome.error is None
+    await engine.release(workspace)
+    await engine.release(workspace)
