@@ -15,6 +15,8 @@ import socket
 import sysconfig
 from pathlib import Path
 
+from .procutil import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ class EmbeddedNats:
         ]
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
         )
         try:
             await asyncio.wait_for(self._wait_ready(), self.start_timeout)

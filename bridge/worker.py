@@ -203,7 +203,8 @@ class Worker:
             return
         if attempt > self._config.jetstream.max_attempts:
             error = f"task failed {attempt - 1} delivery attempts (a sidecar died while running it)"
-            await self._finish(msg, task, self._error_result(task_id, error, "redelivery_exhausted"), term=True)
+            result = self._error_result(task_id, error, "redelivery_exhausted")
+            await self._finish(msg, task, result, attempt, term=True)
             return
 
         cancel = self.cancels.start(task_id)
@@ -229,13 +230,13 @@ class Worker:
         finally:
             keepalive.cancel()
             self.cancels.finish(task_id)
-        await self._finish(msg, task, result)
+        await self._finish(msg, task, result, attempt)
 
-    async def _finish(self, msg: Msg, task: Task, result: TaskResult, *, term: bool = False) -> None:
+    async def _finish(self, msg: Msg, task: Task, result: TaskResult, attempt: int, *, term: bool = False) -> None:
         await self._publish_result(task.callback.result_subject, result)
         with contextlib.suppress(Exception):
             await self._record(
-                TaskRecord(taskID=task.task_id, state="done", sidecar=self._sidecar_id, result=result)
+                TaskRecord(taskID=task.task_id, state="done", sidecar=self._sidecar_id, attempt=attempt, result=result)
             )
         if term:
             await msg.term()

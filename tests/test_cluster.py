@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SidecarProcess, unique_naming
 
 from client.client import CodingClient
-
-from .conftest import SidecarProcess, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

@@ -49,6 +49,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_secrets_do_not_show_in_repr():
-    config = load_config(environ={"OCBRIDGE_NATS_PASSWORD": "hunter2-secret", "OCBRIDGE_OPENCODE_PASSWORD": "pw-123456"})
+    env = {"OCBRIDGE_NATS_PASSWORD": "hunter2-secret", "OCBRIDGE_OPENCODE_PASSWORD": "pw-123456"}
+    config = load_config(environ=env)
     assert "hunter2" not in repr(config) and "pw-123456" not in repr(config)
     assert config.nats.password.get_secret_value() == "hunter2-secret"

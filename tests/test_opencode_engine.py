@@ -7,12 +7,13 @@ test its own workspace directory.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,21 @@ import pytest
 
 from bridge.engines.base import AgentEvent, EngineError, PromptRequest
 from bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
-from bridge.engines.opencode.api import OpenCodeAPI
-from bridge.engines.opencode.engine import new_message_id
+from bridge.engines.opencode.api import OpenCodeAPI, new_message_id
 from bridge.engines.opencode.events import SSEParser, parse_global
 from bridge.engines.opencode.server import check_version
 from bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
+from client.protocol import ModelRef
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCODE = ROOT / ".tools/npm/node_modules/.bin/opencode"
-SAMPLES = Path(os.environ.get("OPENCODE_SAMPLES", "/work/shared/reference/samples"))
+# Real payloads captured from OpenCode 1.18.33 (copied from the shared reference samples).
+SAMPLES = Path(__file__).resolve().parent / "data"
 SAMPLE_SESSION = "ses_e036746dfffeENocylOyHXO5y5"
 
 
 def sample(name: str) -> Any:
     path = SAMPLES / name
-    if not path.exists():
-        pytest.skip(f"sample {path} not available")
     if name.endswith(".jsonl"):
         return [json.loads(line)["event"] for line in path.read_text().splitlines() if line.strip()]
     return json.loads(path.read_text())
@@ -77,24 +77,51 @@ def test_translator_reasoning_whole_parts_and_errors() -> None:
     tr = RunTranslator(sid, user)
     feed = [
         ev("message.updated", info={"id": user, "role": "user"}),
-        ev("message.part.updated", part={"id": "p0", "messageID": user, "type": "text", "text": "hi", "time": {"end": 1}}),
+        ev(
+            "message.part.updated",
+            part={"id": "p0", "messageID": user, "type": "text", "text": "hi", "time": {"end": 1}},
+        ),
         ev("message.updated", info={"id": asst, "role": "assistant"}),
         ev("message.part.updated", part={"id": "p1", "messageID": asst, "type": "reasoning", "text": ""}),
         ev("message.part.delta", messageID=asst, partID="p1", field="text", delta="hmm "),
-        ev("message.part.updated", part={"id": "p1", "messageID": asst, "type": "reasoning", "text": "hmm ", "time": {"end": 2}}),
-        # A text part that arrives whole, without deltas, is still reported (once).
-        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hel", "time": {"start": 1}}),
-        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}}),
-        ev("message.part.updated", part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}}),
         ev(
             "message.part.updated",
-            part={"id": "p3", "messageID": asst, "type": "tool", "tool": "bash", "callID": "c1",
-                  "state": {"status": "error", "input": {"command": "false"}, "error": "boom",
-                            "time": {"start": 10, "end": 25}}},
+            part={"id": "p1", "messageID": asst, "type": "reasoning", "text": "hmm ", "time": {"end": 2}},
+        ),
+        # A text part that arrives whole, without deltas, is still reported (once).
+        ev(
+            "message.part.updated",
+            part={"id": "p2", "messageID": asst, "type": "text", "text": "Hel", "time": {"start": 1}},
+        ),
+        ev(
+            "message.part.updated",
+            part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}},
+        ),
+        ev(
+            "message.part.updated",
+            part={"id": "p2", "messageID": asst, "type": "text", "text": "Hello", "time": {"end": 3}},
+        ),
+        ev(
+            "message.part.updated",
+            part={
+                "id": "p3",
+                "messageID": asst,
+                "type": "tool",
+                "tool": "bash",
+                "callID": "c1",
+                "state": {
+                    "status": "error",
+                    "input": {"command": "false"},
+                    "error": "boom",
+                    "time": {"start": 10, "end": 25},
+                },
+            },
         ),
         ev("session.error", error={"name": "APIError", "data": {"message": "x"}}),
-        {"type": "message.part.delta", "properties": {"sessionID": "other", "messageID": "m", "partID": "q",
-                                                      "field": "text", "delta": "not ours"}},
+        {
+            "type": "message.part.delta",
+            "properties": {"sessionID": "other", "messageID": "m", "partID": "q", "field": "text", "delta": "not ours"},
+        },
     ]
     out = [e for payload in feed for e in tr.feed(payload)]
     assert [(e.kind, e.content) for e in out[:2]] == [("thinking", "hmm "), ("text", "Hello")]
@@ -117,8 +144,16 @@ def test_outcome_from_captured_messages() -> None:
     outcome = outcome_from_messages(aborted, aborted[0]["info"]["id"])
     assert outcome.aborted and outcome.error is None and outcome.text == "slow slow slow"
 
-    failed = [aborted[0], {"info": {**aborted[1]["info"], "error": {
-        "name": "APIError", "data": {"message": "bad request", "statusCode": 400}}}, "parts": []}]
+    failed = [
+        aborted[0],
+        {
+            "info": {
+                **aborted[1]["info"],
+                "error": {"name": "APIError", "data": {"message": "bad request", "statusCode": 400}},
+            },
+            "parts": [],
+        },
+    ]
     outcome = outcome_from_messages(failed, None)
     assert outcome.error_type == "provider_error" and "bad request" in outcome.error and "400" in outcome.error
     assert not run_finished(aborted[:1], aborted[0]["info"]["id"])
@@ -128,9 +163,10 @@ def test_sse_parser_handles_splits_multiline_comments_and_huge_lines() -> None:
     big = "x" * 300_000
     stream = (
         b": heartbeat comment\r\n\r\n"
-        b"data: {\"a\":\r\ndata: 1}\r\n\r\n"
-        b"event: message\nid: 7\ndata: " + json.dumps({"payload": {"type": "t", "properties": {"s": big}},
-                                                     "directory": "/w"}).encode() + b"\n\n"
+        b'data: {"a":\r\ndata: 1}\r\n\r\n'
+        b"event: message\nid: 7\ndata: "
+        + json.dumps({"payload": {"type": "t", "properties": {"s": big}}, "directory": "/w"}).encode()
+        + b"\n\n"
         b"data: last\r\r\n"
     )
     for step in (1, 7, 4096, len(stream)):
@@ -145,8 +181,13 @@ def test_sse_parser_handles_splits_multiline_comments_and_huge_lines() -> None:
 def test_settings_versions_and_message_ids(caplog: pytest.LogCaptureFixture) -> None:
     s = OpenCodeSettings(config={"model": "offline/scripted", "permission": {"bash": "ask"}})
     config = s.opencode_config()
-    assert config["permission"] == {"*": "allow", "question": "deny", "doom_loop": "deny",
-                                    "external_directory": "deny", "bash": "ask"}
+    assert config["permission"] == {
+        "*": "allow",
+        "question": "deny",
+        "doom_loop": "deny",
+        "external_directory": "deny",
+        "bash": "ask",
+    }
     assert config["model"] == "offline/scripted" and config["autoupdate"] is False
     assert s.permission_reply("bash") == "once" and s.permission_reply("external_directory") == "reject"
     assert OpenCodeSettings(permission_policy="deny").permission_reply("bash") == "reject"
@@ -200,7 +241,7 @@ def settings_for(model_url: str, state_dir: Path, **overrides: Any) -> OpenCodeS
     from bridge.offline_model.configs import opencode_provider_config
 
     if not OPENCODE.exists():
-        pytest.skip("opencode is not installed: run scripts/setup")
+        pytest.fail("opencode is not installed: run scripts/setup")
     values: dict[str, Any] = {
         "binary": str(OPENCODE),
         "state_dir": state_dir,
@@ -226,6 +267,14 @@ async def engine(model: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
     assert process is not None and process.pid is None  # reaped
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     path = tmp_path / "ws"
@@ -235,7 +284,6 @@ def workspace(tmp_path: Path) -> Path:
 
 async def run(engine: OpenCodeEngine, ws: Path, sid: str, prompt: str, rec: Recorder | None = None):
     return await asyncio.wait_for(engine.run(PromptRequest(ws, sid, prompt), rec or Recorder()), 30)
-
 
 
 @pytest.mark.opencode
@@ -271,6 +319,28 @@ async def test_second_prompt_continues_the_session(engine: OpenCodeEngine, works
 
 
 @pytest.mark.opencode
+async def test_concurrent_runs_keep_their_events_apart(engine: OpenCodeEngine, tmp_path: Path) -> None:
+    jobs = []
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        for n in range(2):  # two sessions per directory
+            handle = await engine.open_session(directory, f"{name}{n}", None)
+            jobs.append((directory, handle.id, f"{name}{n}.txt", Recorder()))
+    outcomes = await asyncio.gather(
+        *(run(engine, d, sid, f"create {file} with content {sid}", rec) for d, sid, file, rec in jobs)
+    )
+    for (directory, sid, file, rec), outcome in zip(jobs, outcomes, strict=True):
+        assert (directory / file).read_text() == sid
+        assert outcome.files_edited == [str(directory / file)] and outcome.error is None
+        (start,) = [e.tool for e in rec.events if e.kind == "tool_start"]
+        assert start.args["content"] == sid and file in rec.text()
+    for name in ("a", "b"):
+        await engine.release(tmp_path / name)
+        await engine.release(tmp_path / name)
+
+
+@pytest.mark.opencode
 async def test_bash_tool_duration_and_thinking(engine: OpenCodeEngine, workspace: Path) -> None:
     handle = await engine.open_session(workspace, "bash", None)
     rec = Recorder()
@@ -297,6 +367,22 @@ async def test_abort_during_slow_stream(engine: OpenCodeEngine, workspace: Path)
 
 
 @pytest.mark.opencode
+async def test_run_ends_by_polling_when_the_stream_is_down(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "no stream", None)
+    rec = Recorder()
+    task = asyncio.create_task(run(engine, workspace, handle.id, "slow 1.5", rec))
+    await asyncio.wait_for(rec.first.wait(), 15)
+    assert engine.events is not None
+    await engine.events.stop()  # no more events: only the status poll can tell the run is over
+    try:
+        outcome = await asyncio.wait_for(task, 15)
+    finally:
+        await engine.events.start()
+    assert outcome.text.startswith("slow") and outcome.error is None and not outcome.aborted
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
 async def test_provider_error(engine: OpenCodeEngine, workspace: Path) -> None:
     handle = await engine.open_session(workspace, "fail", None)
     outcome = await run(engine, workspace, handle.id, "fail 400")
@@ -310,6 +396,38 @@ async def test_unknown_existing_session_creates_a_new_one(engine: OpenCodeEngine
     assert handle.created and handle.id != "ses_doesnotexist0000000000000"
     outcome = await run(engine, workspace, handle.id, "hello")
     assert outcome.message_count == 1 and outcome.error is None
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_rejected_prompts_end_with_an_error(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "bad", None)
+    request = PromptRequest(workspace, handle.id, "hello", agent="no-such-agent")
+    outcome = await asyncio.wait_for(engine.run(request, Recorder()), 10)
+    assert outcome.error_type == "engine_error" and "no-such-agent" in outcome.error
+    request = PromptRequest(workspace, handle.id, "hello", model=ModelRef.parse("nope/none"))
+    outcome = await asyncio.wait_for(engine.run(request, Recorder()), 10)
+    assert outcome.error_type == "engine_error" and "nope/none" in outcome.error
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_cancelled_run_is_aborted(engine: OpenCodeEngine, workspace: Path) -> None:
+    handle = await engine.open_session(workspace, "cancel", None)
+    rec = Recorder()
+    task = asyncio.create_task(run(engine, workspace, handle.id, "slow 20", rec))
+    await asyncio.wait_for(rec.first.wait(), 15)
+    task.cancel()  # what the pipeline does on a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.api is not None
+    api, directory = engine.api, str(workspace)
+    for _ in range(60):
+        idle = handle.id not in await api.session_status(directory)
+        if idle:
+            break
+        await asyncio.sleep(0.05)
+    assert idle, "the cancelled run kept going in OpenCode"
     await engine.release(workspace)
 
 
@@ -333,27 +451,29 @@ async def test_permissions_are_answered_by_policy(engine: OpenCodeEngine, worksp
 
 
 @pytest.mark.opencode
-async def test_idle_directories_are_disposed_and_sessions_survive(
-    engine: OpenCodeEngine, tmp_path: Path
-) -> None:
+async def test_idle_directories_are_disposed_and_sessions_survive(engine: OpenCodeEngine, tmp_path: Path) -> None:
     idle, busy = tmp_path / "idle", tmp_path / "busy"
     idle.mkdir(), busy.mkdir()
+    # busy is registered first and used last before the release of idle, so if it were
+    # disposable the reaper would dispose it no later than idle.
+    held = await engine.open_session(busy, "held", None)
     first = await engine.open_session(idle, "dispose", None)
     await run(engine, idle, first.id, "remember the number 4217")
-    held = await engine.open_session(busy, "held", None)
     await run(engine, busy, held.id, "hello")
     await engine.release(idle)  # busy stays held (in use)
-    deadline = time.monotonic() + 10
-    while str(idle) not in engine.disposed and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert str(idle) in engine.disposed
+    assert await wait_until(lambda: str(idle) in engine.disposed, 10)
     assert str(busy) not in engine.disposed
     again = await engine.open_session(idle, "dispose", first.id)
     assert not again.created
-    outcome = await run(engine, idle, first.id, "recall")
-    assert "4217" in outcome.text and outcome.message_count == 2
+    rec = Recorder()  # the reloaded instance's events still reach the one global stream
+    outcome = await run(engine, idle, first.id, "recall", rec)
+    assert "4217" in outcome.text and outcome.message_count == 2 and rec.text() == outcome.text
     await engine.release(idle)
     await engine.release(busy)
+
+
+def basic(password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"opencode:{password}".encode()).decode()}
 
 
 @pytest.mark.opencode
@@ -363,9 +483,9 @@ async def test_password_protects_the_server(engine: OpenCodeEngine) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(engine.url + "/session") as resp:
             assert resp.status == 401
-        async with http.get(engine.url + "/session", auth=aiohttp.BasicAuth("opencode", "wrong")) as resp:
+        async with http.get(engine.url + "/session", headers=basic("wrong")) as resp:
             assert resp.status == 401
-        async with http.get(engine.url + "/global/health", auth=aiohttp.BasicAuth("opencode", password)) as resp:
+        async with http.get(engine.url + "/global/health", headers=basic(password)) as resp:
             assert resp.status == 200 and (await resp.json())["version"].startswith("1.")
     api = OpenCodeAPI(engine.url, password="wrong")
     with pytest.raises(EngineError, match="401") as caught:
@@ -387,23 +507,36 @@ async def test_connect_to_existing_server(engine: OpenCodeEngine, model: str, wo
     assert engine.process.pid is not None  # the managed server is still running
 
 
+def pids_running(command: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if cmdline.read().replace(b"\0", b" ").strip() == command.encode():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @pytest.mark.opencode
 async def test_server_killed_mid_run_is_restarted(engine: OpenCodeEngine, workspace: Path) -> None:
     process = engine.process
     assert process is not None and process.pid is not None and engine.events is not None
     handle = await engine.open_session(workspace, "restart", None)
     await run(engine, workspace, handle.id, "remember the colour teal")
-    rec = Recorder()
-    task = asyncio.create_task(run(engine, workspace, handle.id, "slow 20", rec))
+    rec = Recorder()  # a tool command in flight (OpenCode runs it in its own session)
+    task = asyncio.create_task(run(engine, workspace, handle.id, "run sleep 31.7", rec))
     await asyncio.wait_for(rec.first.wait(), 15)
+    assert await wait_until(lambda: bool(pids_running("sleep 31.7")), 5)
     restarts, killed_at = process.restarts, time.monotonic()
     os.kill(process.pid, signal.SIGKILL)
     with pytest.raises(EngineError, match="lost"):
         await asyncio.wait_for(task, 10)
     assert time.monotonic() - killed_at < 5
-    deadline = time.monotonic() + 20
-    while (process.restarts == restarts or not engine.events.connected.is_set()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    assert await wait_until(lambda: not pids_running("sleep 31.7"), 5), "orphaned tool command left running"
+    events = engine.events
+    assert await wait_until(lambda: process.restarts > restarts and events.connected.is_set(), 20)
     assert process.restarts == restarts + 1
     logging.getLogger(__name__).info("opencode restarted in %.2fs", time.monotonic() - killed_at)
     again = await engine.open_session(workspace, "restart", handle.id)
@@ -411,4 +544,31 @@ async def test_server_killed_mid_run_is_restarted(engine: OpenCodeEngine, worksp
     outcome = await run(engine, workspace, handle.id, "recall")
     assert "teal" in outcome.text and outcome.error is None
     await engine.release(workspace)
+    # Killed while idle: the next calls wait for the replacement instead of failing.
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGKILL)
+    again = await asyncio.wait_for(engine.open_session(workspace, "restart", handle.id), 30)
+    outcome = await run(engine, workspace, again.id, "recall")
+    assert not again.created and "teal" in outcome.text and process.restarts == restarts + 2
     await engine.release(workspace)
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_hung_server_is_replaced(model: str, tmp_path: Path) -> None:
+    settings = settings_for(model, tmp_path / "state", health_interval=0.3, health_failures=2, stop_timeout=1.0)
+    async with OpenCodeEngine(settings) as eng:
+        process, events = eng.process, eng.events
+        assert process is not None and process.pid is not None and events is not None
+        hung = process.pid
+        os.kill(hung, signal.SIGSTOP)  # alive but silent: only the health checks can tell
+        assert await wait_until(lambda: process.restarts == 1 and events.connected.is_set(), 20)
+        assert process.pid != hung
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)  # killed and reaped
+        settings.health_interval = 30.0  # no false alarms on a loaded machine from here on
+        workspace = tmp_path / "ws"
+        workspace.mkdir()
+        handle = await eng.open_session(workspace, "after hang", None)
+        outcome = await run(eng, workspace, handle.id, "hello")
+        assert outcome.error is None and outcome.message_count == 1

@@ -7,8 +7,11 @@ Errors become :class:`EngineError` with the method, path and status, never the c
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +23,27 @@ from bridge.engines.base import EngineError
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_last_id_value = 0
+
+
+def new_message_id() -> str:
+    """An OpenCode-style ascending message id: ``msg_`` + 12 hex digits of ``ms * 4096 + counter``
+    + 14 random base62 characters.
+
+    Sending our own id with a prompt tells us which user message is ours without guessing. Like
+    OpenCode's own ids it sorts after every earlier message (OpenCode orders history by id).
+    """
+    global _last_id_value
+    value = max(int(time.time() * 1000) * 0x1000, _last_id_value + 1)
+    _last_id_value = value
+    return "msg_" + format(value & 0xFFFFFFFFFFFF, "012x") + "".join(secrets.choice(_BASE62) for _ in range(14))
+
+
+class ServerUnreachable(EngineError):
+    """The connection was refused or reset: typically the server died (the engine then waits for
+    the supervisor's replacement and sends again)."""
 
 
 class OpenCodeAPI:
@@ -34,8 +58,8 @@ class OpenCodeAPI:
         request_timeout: float = 30.0,
     ) -> None:
         self._base = base_url.rstrip("/")
-        self._auth = aiohttp.BasicAuth(username, password) if password else None
         self._username = username
+        self._headers = _auth_headers(username, password)
         self.request_timeout = request_timeout
         self._http: aiohttp.ClientSession | None = None
 
@@ -48,7 +72,7 @@ class OpenCodeAPI:
     def set_endpoint(self, base_url: str, password: str | None) -> None:
         """Point the client at a (restarted) server."""
         self._base = base_url.rstrip("/")
-        self._auth = aiohttp.BasicAuth(self._username, password) if password else None
+        self._headers = _auth_headers(self._username, password)
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -79,7 +103,7 @@ class OpenCodeAPI:
         what = f"OpenCode {method} {path}"
         try:
             async with self._session().request(
-                method, self._base + path, params=params, json=body, auth=self._auth, timeout=limit
+                method, self._base + path, params=params, json=body, headers=self._headers, timeout=limit
             ) as resp:
                 text = await resp.text()
                 if resp.status == 404 and allow_404:
@@ -89,7 +113,9 @@ class OpenCodeAPI:
                 if resp.status >= 400:
                     raise EngineError(f"{what} failed with HTTP {resp.status}: {_excerpt(text)}")
         except TimeoutError as exc:
-            raise EngineError(f"{what} timed out after {limit.total:.0f}s") from exc
+            raise EngineError(f"{what} timed out after {limit.total:.1f}s") from exc
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise ServerUnreachable(f"{what} failed: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
             # ClientError messages hold host:port at most; auth travels in a header.
             raise EngineError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
@@ -107,7 +133,7 @@ class OpenCodeAPI:
         what = f"OpenCode GET {path}"
         try:
             resp = await self._session().get(
-                self._base + path, auth=self._auth, timeout=limit, headers={"Accept": "text/event-stream"}
+                self._base + path, timeout=limit, headers={**self._headers, "Accept": "text/event-stream"}
             )
         except aiohttp.ClientError as exc:
             raise EngineError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
@@ -195,6 +221,14 @@ class OpenCodeAPI:
     async def dispose_instance(self, directory: str) -> bool:
         """Unload the directory's instance (it is loaded again on the next call about it)."""
         return bool(await self.request("POST", "/instance/dispose", directory=directory))
+
+
+def _auth_headers(username: str, password: str | None) -> dict[str, str]:
+    # Built by hand: aiohttp 3.14 deprecates BasicAuth objects, older versions lack the helper.
+    if not password:
+        return {}
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
 
 
 def _excerpt(text: str, limit: int = 300) -> str:

@@ -211,30 +211,24 @@ class EventHub:
         delay = self._backoff
         while True:
             self._wake.clear()
+            reader = asyncio.create_task(self._read_once())
+            waker = asyncio.create_task(self._wake.wait())
             try:
-                reader = asyncio.create_task(self._read_once())
-                waker = asyncio.create_task(self._wake.wait())
-                try:
-                    await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in (reader, waker):
-                        task.cancel()
-                    await asyncio.gather(reader, waker, return_exceptions=True)
-                if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                    raise reader.exception()  # type: ignore[misc]
-                if self.connected.is_set():
-                    delay = self._backoff  # the stream had worked: reconnect quickly
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the loop must survive anything
-                log.debug("opencode events: stream failed: %s", exc)
+                await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (reader, waker):
+                    task.cancel()
+                await asyncio.gather(reader, waker, return_exceptions=True)
+            if not reader.cancelled() and reader.exception() is not None:
+                log.debug("opencode events: stream failed: %r", reader.exception())
             was_connected = self.connected.is_set()
             self.connected.clear()
+            self.broadcast(GAP)
             if was_connected:
                 log.info("opencode events: stream dropped, reconnecting")
-            self.broadcast(GAP)
+                delay = self._backoff  # the stream had worked: reconnect quickly
             if self._wake.is_set():
-                continue  # asked to reconnect: no backoff
+                continue  # asked to reconnect (the server moved): no backoff
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             delay = min(delay * 2, self._backoff_max)
@@ -269,8 +263,8 @@ class EventHub:
             for sub in self._subs.get(sid, ()):
                 sub.queue.put_nowait(event)
         elif event.type == "file.edited" and event.directory:
-            # file.edited names no session: hand it to the runs of that directory.
-            for subs in self._subs.values():
-                for sub in subs:
-                    if sub.directory == event.directory:
-                        sub.queue.put_nowait(event)
+            # file.edited names no session: it can only be attributed when a single run is in
+            # progress in that directory (edit tools' own results name their files anyway).
+            runs = [sub for subs in self._subs.values() for sub in subs if sub.directory == event.directory]
+            if len(runs) == 1:
+                runs[0].queue.put_nowait(event)

@@ -9,6 +9,7 @@ checks. Listeners hear ``"down"`` as soon as the process is lost (so runs in fli
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from bridge.engines.base import EngineError
+from bridge.procutil import die_with_parent
 
 from .api import OpenCodeAPI
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings
@@ -31,6 +33,7 @@ from .settings import OFFLINE_SWITCHES, OpenCodeSettings
 log = logging.getLogger(__name__)
 
 _LISTENING = re.compile(r"opencode server listening on (https?://\S+)")
+MARKER_VAR = "OCBRIDGE_OPENCODE_MARKER"
 SUPPORTED_MAJOR = 1
 TESTED_VERSION = (1, 18)
 
@@ -65,6 +68,8 @@ class OpenCodeProcess:
         self.version: str | None = None
         self.password: str = ""
         self.restarts = 0
+        self.generation = 0  # incremented by every successful launch
+        self._marker = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -74,7 +79,13 @@ class OpenCodeProcess:
         self.state_dir: Path | None = None
         self.log_path: Path | None = None
         self._log: IO[str] | None = None
+        self._recent: collections.deque[str] = collections.deque(maxlen=8)  # for error messages
         self._api: OpenCodeAPI | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the current process is running (``False`` while being restarted)."""
+        return self._proc is not None and self._proc.returncode is None
 
     @property
     def pid(self) -> int | None:
@@ -153,6 +164,9 @@ class OpenCodeProcess:
             OPENCODE_SERVER_PASSWORD=self.password,
             OPENCODE_SERVER_USERNAME=s.username,
         )
+        # Inherited by every process the server starts, even those in their own session (the bash
+        # tool's commands): how _terminate finds them.
+        env[MARKER_VAR] = self._marker
         env.update(OFFLINE_SWITCHES)
         env.update(s.extra_env)
         return env
@@ -162,6 +176,7 @@ class OpenCodeProcess:
         binary = _resolve_binary(s.binary)
         args = [binary, "serve", "--hostname", s.host, "--port", str(s.port)]
         self._write_log(f"--- starting {' '.join(args)}")
+        self._marker = secrets.token_hex(12)
         started = time.monotonic()
         self._proc = await asyncio.create_subprocess_exec(
             *args,
@@ -171,33 +186,29 @@ class OpenCodeProcess:
             env=self._environment(),
             cwd=str(self.state_dir),
             start_new_session=True,  # own process group: stop() kills the tools it spawned too
+            preexec_fn=die_with_parent,  # a SIGKILLed sidecar must not leave its server behind
         )
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._recent.clear()
         self._pump = asyncio.create_task(self._pump_output(self._proc, ready), name="opencode-output")
         try:
-            url = await asyncio.wait_for(asyncio.shield(ready), s.startup_timeout)
-        except TimeoutError as exc:
-            await self._terminate()
-            raise EngineError(
-                f"OpenCode did not start listening within {s.startup_timeout:.0f}s (log: {self.log_path})"
-            ) from exc
-        except EngineError:
-            await self._terminate()
-            raise
-        self.url = url
-        assert self._api is not None
-        self._api.set_endpoint(url, self.password)
-        try:
+            try:
+                url = await asyncio.wait_for(asyncio.shield(ready), s.startup_timeout)
+            except TimeoutError as exc:
+                raise EngineError(
+                    f"OpenCode did not start listening within {s.startup_timeout:.0f}s (log: {self.log_path})"
+                ) from exc
+            self.url = url
+            assert self._api is not None
+            self._api.set_endpoint(url, self.password)
             health = await self._api.health(timeout=min(10.0, s.startup_timeout))
-        except EngineError:
-            await self._terminate()
-            raise
-        self.version = str(health.get("version", ""))
-        try:
+            self.version = str(health.get("version", ""))
             check_version(self.version)
-        except EngineError:
+        except BaseException:
+            ready.cancel()  # nobody waits for it any more (also silences "exception never retrieved")
             await self._terminate()
             raise
+        self.generation += 1
         log.info(
             "OpenCode %s listening on %s (pid %s, %.1fs)",
             self.version,
@@ -218,20 +229,24 @@ class OpenCodeProcess:
                 break
             text = line.decode("utf-8", errors="replace").rstrip()
             self._write_log(text)
+            if text:
+                self._recent.append(self._mask(text)[:300])
             match = _LISTENING.search(text)
             if match and not ready.done():
                 ready.set_result(match.group(1).rstrip("/"))
         code = await proc.wait()
         if not ready.done():
+            tail = " | ".join(self._recent) or "no output"
             ready.set_exception(
-                EngineError(f"OpenCode exited with code {code} before listening (log: {self.log_path})")
+                EngineError(f"OpenCode exited with code {code} before listening: {tail} (log: {self.log_path})")
             )
+
+    def _mask(self, text: str) -> str:
+        return text.replace(self.password, "***") if self.password else text
 
     def _write_log(self, text: str) -> None:
         if self._log is not None:
-            if self.password:
-                text = text.replace(self.password, "***")
-            self._log.write(text + "\n")
+            self._log.write(self._mask(text) + "\n")
             self._log.flush()
 
     async def _terminate(self) -> None:
@@ -246,7 +261,12 @@ class OpenCodeProcess:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), 5.0)
         if proc is not None:
-            _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group (tools started by bash)
+            _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group
+            # The bash tool starts commands in their own session (they escape the group) and they
+            # outlive a crashed server as orphans: find them by the environment marker.
+            killed = await asyncio.to_thread(kill_marked, MARKER_VAR, self._marker)
+            if killed:
+                log.info("killed %d leftover process(es) of the OpenCode server", killed)
         if self._pump is not None:
             pump, self._pump = self._pump, None
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -264,16 +284,16 @@ class OpenCodeProcess:
                 return
             log.warning("OpenCode server lost (%s); restarting (log: %s)", reason, self.log_path)
             self._write_log(f"--- server lost: {reason}")
+            await self._notify("down")  # first: runs in flight fail now, not after the kill
             await self._terminate()
-            await self._notify("down")
             delay = s.restart_backoff
             while not self._stopping:
                 await asyncio.sleep(delay)
                 try:
                     await self._launch()
-                except EngineError as exc:
-                    log.warning("OpenCode restart failed: %s; retrying in %.1fs", exc, delay)
+                except Exception as exc:  # keep supervising whatever happens
                     delay = min(delay * 2, s.restart_backoff_max)
+                    log.warning("OpenCode restart failed: %s; retrying in %.1fs", exc, delay)
                     continue
                 self.restarts += 1
                 await self._notify("up")
@@ -290,7 +310,7 @@ class OpenCodeProcess:
             except TimeoutError:
                 pass
             try:
-                await self._api.health(timeout=min(5.0, s.health_interval))
+                await self._api.health(timeout=max(1.0, min(5.0, s.health_interval)))
                 failures = 0
             except EngineError as exc:
                 failures += 1
@@ -311,6 +331,28 @@ def _resolve_binary(name: str) -> str:
     if path is None:
         raise EngineError(f"OpenCode binary not found or not executable: {name}")
     return path
+
+
+def kill_marked(name: str, value: str) -> int:
+    """SIGKILL every process whose initial environment holds ``name=value``; return how many."""
+    needle = f"{name}={value}".encode() + b"\0"
+    killed = 0
+    try:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:  # no procfs (not Linux)
+        return 0
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if needle not in environ.read() + b"\0":
+                    continue
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except (OSError, ProcessLookupError):
+            continue  # gone, or not ours to read
+    return killed
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:

@@ -74,6 +74,8 @@ class OpenCodeSettings:
     # Supervisor: first restart delay, doubled per consecutive failure up to ``restart_backoff_max``.
     restart_backoff: float = 0.5
     restart_backoff_max: float = 30.0
+    # A server failing ``health_failures`` health checks in a row (one per ``health_interval``
+    # seconds) is considered hung: killed and restarted.
     health_interval: float = 10.0
     health_failures: int = 3
     # Safety net of a run: poll ``GET /session/status`` this often in case the event stream missed
