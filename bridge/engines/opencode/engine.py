@@ -51,6 +51,9 @@ class OpenCodeEngine(Engine):
         self.directories = DirectoryTracker(self.settings.idle_dispose_seconds)
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Session id -> exchanges (user messages) so far, to report message_count without reading
+        # the whole history after every run.
+        self._exchanges: dict[str, int] = {}
 
     @property
     def url(self) -> str | None:
@@ -175,6 +178,7 @@ class OpenCodeEngine(Engine):
             if info is not None:
                 log.warning("OpenCode session %s is not in %s: creating a new one", existing_id, key)
         info = await api.create_session(key, title or None)
+        self._exchanges[str(info["id"])] = 0
         return SessionHandle(str(info["id"]), created=True)
 
     async def release(self, directory: Path) -> None:
@@ -283,6 +287,10 @@ class OpenCodeEngine(Engine):
         return run_finished(messages, tr.user_message_id) or idle_for >= 2.0
 
     async def _outcome(self, key: str, sid: str, message_id: str, tr: RunTranslator) -> RunOutcome:
+        streamed = tr.outcome()
+        if streamed is not None:
+            streamed.message_count = await self._count_exchange(key, sid)
+            return streamed
         api = self._api()
         messages = await api.messages(key, sid)
         # On abort, session.idle precedes the message's final update by a moment: wait for it.
@@ -302,10 +310,21 @@ class OpenCodeEngine(Engine):
             outcome.prompt_tokens, outcome.completion_tokens = tr.prompt_tokens, tr.completion_tokens
             outcome.cost = outcome.cost or tr.cost
         outcome.tool_calls = max(outcome.tool_calls, tr.tool_calls)
+        self._exchanges[sid] = outcome.message_count
         for path in tr.files_edited:
             if path not in outcome.files_edited:
                 outcome.files_edited.append(path)
         return outcome
+
+    async def _count_exchange(self, key: str, sid: str) -> int:
+        """Exchanges in the session including this run: counted once from the history, then kept
+        here, so a normal run needs no history read at all."""
+        if sid in self._exchanges:
+            self._exchanges[sid] += 1
+        else:
+            messages = await self._api().messages(key, sid)
+            self._exchanges[sid] = sum(1 for m in messages if (m.get("info") or {}).get("role") == "user")
+        return self._exchanges[sid]
 
     async def _quiet_abort(self, key: str, sid: str) -> None:
         with contextlib.suppress(EngineError):

@@ -62,6 +62,8 @@ class RunTranslator:
     error: JSON | None = None  # first session.error of the run
     saw_user_message: bool = False
     saw_assistant: bool = False
+    assistant_infos: dict[str, JSON] = field(default_factory=dict)  # message id -> latest info
+    final_texts: dict[str, dict[str, str]] = field(default_factory=dict)  # message id -> part id -> text
 
     def feed(self, payload: JSON) -> list[AgentEvent]:
         """Consume one event payload ``{type, properties}``; return the agent events it produces."""
@@ -80,6 +82,7 @@ class RunTranslator:
                     self.saw_user_message = True
                 if info["role"] == "assistant":
                     self.saw_assistant = True
+                    self.assistant_infos[info["id"]] = info
             return []
         if kind == "message.part.delta":
             return self._delta(props)
@@ -114,6 +117,8 @@ class RunTranslator:
         if not part_id or not kind or not self._is_assistant(part.get("messageID")):
             return []
         self.part_types[part_id] = kind
+        if kind == "text" and isinstance(part.get("text"), str) and not part.get("synthetic"):
+            self.final_texts.setdefault(str(part.get("messageID")), {})[part_id] = part["text"]
         if kind in ("text", "reasoning"):
             return self._text_part(part_id, kind, part)
         if kind == "tool":
@@ -170,6 +175,28 @@ class RunTranslator:
             if not failed and info["name"] in EDIT_TOOLS:
                 self._file_edited((state.get("metadata") or {}).get("filepath"))
         return out
+
+    def outcome(self) -> RunOutcome | None:
+        """The outcome as the event stream told it, when the run ended cleanly; ``None`` when the
+        history must be read instead (errors, aborts, anything the stream may not have shown).
+
+        Saves a ``GET /session/{id}/message`` (the whole history) at the end of every normal run.
+        ``message_count`` stays 0: the caller keeps its own count.
+        """
+        if self.error is not None or not self.assistant_infos:
+            return None
+        last = list(self.assistant_infos.values())[-1]
+        if last.get("error") or not (last.get("time") or {}).get("completed"):
+            return None
+        text = "".join(self.final_texts.get(str(last.get("id")), {}).values()).strip()
+        return RunOutcome(
+            text=text,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cost=self.cost,
+            tool_calls=self.tool_calls,
+            files_edited=list(self.files_edited),
+        )
 
     def _file_edited(self, path: Any) -> None:
         if isinstance(path, str) and path and path not in self.files_edited:
