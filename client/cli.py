@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from .client import CodingClient
 from .connection import NatsOptions
-from .naming import Naming
+from .naming import naming_from_env
 from .protocol import SessionState, StreamEvent, Task, TaskRecord, TaskResult, TaskStatus
 from .render import render_event, render_result
 
@@ -31,8 +31,7 @@ def _nats_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--creds", default=os.environ.get("OCBRIDGE_NATS_CREDS"), help="NATS credentials file")
     parser.add_argument(
-        "--task-subject", default=os.environ.get("OCBRIDGE_TASK_SUBJECT", Naming().task_subject),
-        help="task subject (stream/result/cancel subjects follow Station's defaults)",
+        "--task-subject", help="task subject (other names: OCBRIDGE_NAMING__<FIELD> variables, as for serve)"
     )
 
 
@@ -100,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _client(args: argparse.Namespace) -> CodingClient:
     options = NatsOptions(url=args.nats_url, creds_file=args.creds, name="ocbridge-cli")
-    naming = Naming(task_subject=args.task_subject)
+    naming = naming_from_env(os.environ)
+    if args.task_subject:
+        naming = naming.model_copy(update={"task_subject": args.task_subject})
     return await CodingClient.connect(options, naming=naming)
 
 

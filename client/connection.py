@@ -74,10 +74,6 @@ async def _log_error(exc: Exception) -> None:
     log.warning("nats: %s", exc.__class__.__name__ if not str(exc) else exc)
 
 
-async def _log_disconnect() -> None:
-    log.warning("nats: disconnected, reconnecting")
-
-
 async def _log_reconnect() -> None:
     log.info("nats: reconnected")
 
@@ -89,8 +85,15 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
     capped exponential backoff.
     """
     kwargs = options.connect_kwargs()
+    connection: list[NATS] = []
+
+    async def log_disconnect() -> None:
+        # A deliberate close or drain also "disconnects": only an unexpected loss is worth a warning.
+        if connection and not (connection[0].is_closed or connection[0].is_draining):
+            log.warning("nats: disconnected, reconnecting")
+
     kwargs.setdefault("error_cb", _log_error)
-    kwargs.setdefault("disconnected_cb", _log_disconnect)
+    kwargs.setdefault("disconnected_cb", log_disconnect)
     kwargs.setdefault("reconnected_cb", _log_reconnect)
     kwargs.update(extra)
     loop = asyncio.get_running_loop()
@@ -98,7 +101,9 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
     delay = 0.2
     while True:
         try:
-            return await nats.connect(**kwargs)
+            nc = await nats.connect(**kwargs)
+            connection.append(nc)
+            return nc
         except Exception as exc:
             if deadline is not None and loop.time() + delay > deadline:
                 raise ConnectionError(f"cannot connect to NATS at {redact_url(options.url)}: {exc}") from None

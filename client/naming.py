@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -42,3 +44,10 @@ class Naming(BaseModel):
     @property
     def dead_letter(self) -> str:
         return self.dead_letter_subject or f"{self.task_subject}.deadletter"
+
+
+def naming_from_env(environ: Mapping[str, str]) -> Naming:
+    """Names overridden by ``OCBRIDGE_NAMING__<FIELD>`` variables (the sidecar reads the same ones)."""
+    prefix = "OCBRIDGE_NAMING__"
+    fields = {k[len(prefix):].lower(): v for k, v in environ.items() if k.startswith(prefix)}
+    return Naming(**fields)

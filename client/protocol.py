@@ -333,3 +333,85 @@ ErrorType = Literal[
     "redelivery_exhausted",
     "internal_error",
 ]
+
+
+# --- git (issue 3) ---
+# Additions for the git layer (bridge/gitops): the files a task changed, and deterministic git
+# operations (branch/commit/push/status/diff) on a session's workspace, outside any prompt.
+
+
+class FileChange(WireModel):
+    """One file a task changed, as git (or a before/after snapshot for a non-git workspace) reports it."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "renamed"]
+    #: Lines added / removed; ``None`` for binary files or content that was not captured.
+    insertions: int | None = None
+    deletions: int | None = None
+    #: The previous path of a renamed file.
+    old_path: str | None = Field(default=None, alias="oldPath")
+    binary: bool | None = None
+
+
+GitOpName = Literal["branch", "commit", "push", "status", "diff"]
+
+
+class GitOpRequest(WireModel):
+    """A git operation on a session's workspace (Station's coding_branch / coding_commit / coding_push)."""
+
+    op: GitOpName
+    #: Session (or workspace name) whose workspace the operation acts on.
+    session: str | None = None
+    workspace: str | None = None
+    #: branch: the branch to create or switch to; push: the branch to push (default: the current one).
+    branch: str | None = None
+    #: branch: create it when it does not exist (default true).
+    create: bool | None = None
+    #: commit: the commit message.
+    message: str | None = None
+    #: commit: stage every change (new, modified, deleted files) first (default true).
+    add_all: bool | None = Field(default=None, alias="addAll")
+    #: push: remote name (default ``origin``) and whether to set the branch's upstream.
+    remote: str | None = None
+    set_upstream: bool | None = Field(default=None, alias="setUpstream")
+    #: diff: commit or ref to compare the work tree with (default ``HEAD``).
+    base: str | None = None
+    #: push: a token for this push (else the session's / sidecar's); in memory a SecretStr.
+    token: SecretStr | None = None
+    token_from_kv: str | None = Field(default=None, alias="tokenFromKV")
+
+    @field_serializer("token", when_used="json")
+    def _reveal_token(self, token: SecretStr | None) -> str | None:
+        return token.get_secret_value() if token is not None else None
+
+
+class GitOpResult(WireModel):
+    """Outcome of a :class:`GitOpRequest`; every figure comes from git itself."""
+
+    ok: bool
+    op: GitOpName
+    branch: str | None = None
+    previous_branch: str | None = Field(default=None, alias="previousBranch")
+    created: bool | None = None
+    switched_to: str | None = Field(default=None, alias="switchedTo")
+    #: commit: the new commit's id.
+    commit_hash: str | None = Field(default=None, alias="commitHash")
+    #: HEAD after the operation.
+    commit: str | None = None
+    files_changed: int | None = Field(default=None, alias="filesChanged")
+    insertions: int | None = None
+    deletions: int | None = None
+    remote: str | None = None
+    message: str | None = None
+    dirty: bool | None = None
+    upstream: str | None = None
+    ahead: int | None = None
+    behind: int | None = None
+    changes: list[FileChange] | None = None
+    patch: str | None = None
+    patch_truncated: bool | None = Field(default=None, alias="patchTruncated")
+    error: str | None = None
+    error_type: str | None = Field(default=None, alias="errorType")
+
+
+__all__ += ["FileChange", "GitOpName", "GitOpRequest", "GitOpResult"]

@@ -52,7 +52,7 @@ def render_result(result: TaskResult, *, color: bool = False) -> str:
     ]
     if result.session:
         lines.append(f"session {result.session.name} ({result.session.opencode_id}), "
-                     f"{result.session.message_count or 0} messages")
+                     f"{result.session.message_count or 0} exchange(s)")
     if result.workspace and result.workspace.path:
         lines.append(f"workspace {result.workspace.path}")
     if result.error:
