@@ -215,7 +215,7 @@ async def test_provider_error_becomes_error_result(stack):
     ],
 )
 async def test_bad_tasks_get_an_error_result_or_dead_letter_and_the_sidecar_goes_on(stack, payload, expect_result):
-    sidecar, client = stack
+    _sidecar, client = stack
     naming = client.naming
     task_id = str(uuid.uuid4())
     result_subject = naming.result_subject(task_id)

@@ -1,0 +1,296 @@
+"""What the CLI engines share: settings, the run registry, abort, and the JSON-lines run loop.
+
+A CLI engine runs one agent process per prompt (``opencode run``, ``claude -p``), turns its JSON
+lines into :class:`AgentEvent` s through an engine-specific :class:`Translator`, and kills the whole
+process tree on abort, cancellation or any error.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
+
+from .process import CLIProcess, run_capture
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+#: Variables passed through from the bridge's environment; everything else is left out so that no
+#: credential or config of the host reaches the agent unless the settings put it there.
+DEFAULT_INHERITED_ENV: tuple[str, ...] = (
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class CLIRunOutcome(RunOutcome):
+    """A :class:`RunOutcome` that also names the session the run used.
+
+    For a run started without a session id (a new session: the CLI creates it), ``session_id`` is
+    the id the CLI reported; callers should store it in place of the placeholder.
+    """
+
+    session_id: str | None = None
+
+
+@dataclass(slots=True)
+class CLISettings:
+    """Settings common to the CLI engines.
+
+    ``state_dir`` holds the private HOME (and XDG dirs) of the agent, hence its sessions: give a
+    persistent directory to resume sessions across restarts (a temporary one is used when ``None``).
+    """
+
+    binary: str
+    state_dir: Path | None = None
+    #: Extra environment of the agent (provider URLs, API keys...).
+    env: dict[str, str] = field(default_factory=dict)
+    #: Directories prepended to the agent's PATH (ripgrep for OpenCode's glob/grep tools).
+    extra_path: list[str] = field(default_factory=list)
+    #: Extra command-line arguments, added before the prompt options.
+    extra_args: list[str] = field(default_factory=list)
+    inherit_env: tuple[str, ...] = DEFAULT_INHERITED_ENV
+    #: SIGTERM-to-SIGKILL grace when killing a run's process tree.
+    kill_grace: float = 2.0
+    #: Safety net: a run still going after this long is killed (the pipeline normally times out first).
+    max_run_seconds: float = 6 * 3600.0
+    #: How long the CLI may take to exit once its output ended.
+    exit_timeout: float = 15.0
+    #: Timeout of short helper commands (``--version``, session listing).
+    command_timeout: float = 30.0
+
+
+class Translator(abc.ABC):
+    """Turns one run's JSON lines into live events and, at the end, an outcome. No I/O."""
+
+    #: The session id seen in the output (``None`` until the CLI reports it).
+    session_id: str | None = None
+
+    @abc.abstractmethod
+    def feed(self, event: JSON) -> list[AgentEvent]:
+        """Consume one JSON line; return the events it produces."""
+
+    @abc.abstractmethod
+    def finish(self, returncode: int, stderr: str, aborted: bool) -> CLIRunOutcome:
+        """The outcome once the process exited; raises :class:`EngineError` when it failed
+        without saying why in its output."""
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    directory: str
+    requested_id: str
+    proc: CLIProcess
+    translator: Translator
+    aborted: bool = False
+
+    def matches(self, directory: str, session_id: str) -> bool:
+        # "" is the placeholder of a session the CLI has not created yet: it matches such runs.
+        ids = {self.requested_id, self.translator.session_id or ""}
+        return self.directory == directory and session_id in ids
+
+
+def real_dir(directory: Path | str) -> str:
+    """The canonical form of a directory, used as registry key and as the CLI's cwd."""
+    return os.path.realpath(directory)
+
+
+def stderr_excerpt(stderr: str, limit: int = 800) -> str:
+    """The useful end of a CLI's stderr: ANSI colours stripped, blank lines dropped, last ``limit`` chars."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " | ".join(lines)
+    return joined[-limit:] if joined else "no output on stderr"
+
+
+class CLIEngine(Engine):
+    """Base of the CLI engines: start-up check, run registry, abort and the run loop."""
+
+    settings: CLISettings
+
+    def __init__(self, settings: CLISettings) -> None:
+        self.settings = settings
+        self.version: str | None = None
+        self.binary: str = settings.binary
+        self._runs: set[_Run] = set()
+        self._state_dir: Path | None = settings.state_dir
+        self._temporary_state = False
+
+    # ---------------------------------------------------------------------------- hooks
+
+    @abc.abstractmethod
+    def prepare_state(self, root: Path) -> None:
+        """Create whatever the agent needs under its private state directory."""
+
+    @abc.abstractmethod
+    def environment(self) -> dict[str, str]:
+        """The agent's full environment."""
+
+    def check_version(self, version: str) -> None:
+        """Warn about (or refuse) a version this engine was not written for."""
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    @property
+    def state_dir(self) -> Path:
+        """The private state directory (HOME of the agent); set by :meth:`start`."""
+        if self._state_dir is None:
+            raise EngineError(f"{self.name} engine is not started")
+        return self._state_dir
+
+    async def start(self) -> None:
+        """Resolve the binary, prepare the private state directory, log the CLI's version."""
+        if self._state_dir is None:
+            self._state_dir = Path(tempfile.mkdtemp(prefix=f"ocbridge-{self.name}-"))
+            self._temporary_state = True
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_state(self._state_dir)
+        env = self.environment()
+        self.binary = resolve_binary(self.settings.binary, env.get("PATH"))
+        code, out, err = await run_capture(
+            [self.binary, "--version"], cwd=self._state_dir, env=env, timeout=self.settings.command_timeout
+        )
+        if code != 0:
+            raise EngineError(f"{self.binary} --version failed with code {code}: {stderr_excerpt(err)}")
+        self.version = out.strip().splitlines()[0] if out.strip() else "unknown"
+        log.info("%s engine: %s version %s", self.name, self.binary, self.version)
+        self.check_version(self.version)
+
+    async def aclose(self) -> None:
+        """Kill every run still going; remove the state directory if it was a temporary one."""
+        runs = list(self._runs)
+        for run in runs:
+            run.aborted = True
+        await asyncio.gather(*(run.proc.kill_tree() for run in runs), return_exceptions=True)
+        if self._temporary_state and self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._state_dir = None
+
+    async def release(self, directory: Path) -> None:
+        """Nothing to free: a CLI run holds no resources once its process is gone."""
+
+    async def abort(self, directory: Path, session_id: str) -> None:
+        """Kill the process tree of every run of that session (``""`` = runs of a not yet created
+        session in that directory); the runs then return an outcome with ``aborted=True``."""
+        key = real_dir(directory)
+        runs = [run for run in self._runs if run.matches(key, session_id)]
+        if not runs:
+            log.info("%s: no running prompt for session %r in %s", self.name, session_id, key)
+            return
+        for run in runs:
+            run.aborted = True
+        await asyncio.gather(*(run.proc.kill_tree() for run in runs))
+
+    @property
+    def running(self) -> int:
+        """How many prompts run right now."""
+        return len(self._runs)
+
+    # ------------------------------------------------------------------------------ runs
+
+    async def execute(
+        self,
+        request: PromptRequest,
+        argv: list[str],
+        translator: Translator,
+        on_event: EventSink,
+        *,
+        stdin: bytes | None = None,
+    ) -> CLIRunOutcome:
+        """Run one CLI process to completion, relaying its events; the tree is killed on any exit
+        path (abort, cancellation, an exception from ``on_event``...)."""
+        directory = real_dir(request.directory)
+        proc = CLIProcess(argv, cwd=directory, env=self.environment(), stdin_data=stdin,
+                          kill_grace=self.settings.kill_grace)  # fmt: skip
+        run = _Run(directory, request.session_id, proc, translator)
+        self._runs.add(run)
+        try:
+            async with proc:
+                if run.aborted:  # abort() came while the process was starting
+                    await proc.kill_tree()
+                try:
+                    async with asyncio.timeout(self.settings.max_run_seconds):
+                        async for raw in proc.lines():
+                            event = parse_line(raw)
+                            if event is not None:
+                                for agent_event in translator.feed(event):
+                                    await on_event(agent_event)
+                except TimeoutError:
+                    raise EngineError(
+                        f"{self.name} run still going after {self.settings.max_run_seconds:.0f}s: killed"
+                    ) from None
+                code = await proc.wait(self.settings.exit_timeout)
+                stderr = await proc.stderr_done()
+        finally:
+            self._runs.discard(run)
+        outcome = translator.finish(code, stderr, run.aborted)
+        log.info(
+            "%s run in %s (session %s) ended: code %s, %s",
+            self.name, directory, outcome.session_id, code,
+            "aborted" if outcome.aborted else (outcome.error or "ok"),
+        )  # fmt: skip
+        return outcome
+
+    def base_environment(self) -> dict[str, str]:
+        """Inherited variables (see ``inherit_env``) with ``extra_path`` prepended to PATH."""
+        env = {name: os.environ[name] for name in self.settings.inherit_env if name in os.environ}
+        path = [*self.settings.extra_path, env.get("PATH") or "/usr/local/bin:/usr/bin:/bin"]
+        env["PATH"] = os.pathsep.join(p for p in path if p)
+        env.setdefault("LANG", "C.UTF-8")
+        return env
+
+    async def helper(self, args: list[str], cwd: Path | str) -> tuple[int, str, str]:
+        """Run a short helper command of the CLI (same environment as the runs)."""
+        return await run_capture(
+            [self.binary, *args], cwd=cwd, env=self.environment(), timeout=self.settings.command_timeout
+        )
+
+
+def parse_line(raw: bytes) -> JSON | None:
+    """One JSON object line, or ``None`` for blank lines and non-JSON noise."""
+    raw = raw.strip()
+    if not raw.startswith(b"{"):
+        if raw:
+            log.debug("ignoring non-JSON output line: %r", raw[:200])
+        return None
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring malformed JSON line (%d bytes): %r", len(raw), raw[:200])
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def resolve_binary(binary: str, path: str | None) -> str:
+    """An executable path for ``binary`` (a path, or a name looked up on ``path``)."""
+    if os.sep in binary:
+        if os.path.isfile(binary) and os.access(binary, os.X_OK):
+            return binary
+        raise EngineError(f"{binary} is not an executable file")
+    found = shutil.which(binary, path=path)
+    if found is None:
+        raise EngineError(f"{binary} not found on PATH: run scripts/setup or configure the binary path")
+    return found
+
+
+def as_int(value: Any) -> int:
+    """A JSON number as ``int`` (0 for anything else)."""
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def as_float(value: Any) -> float:
+    """A JSON number as ``float`` (0.0 for anything else)."""
+    return float(value) if isinstance(value, int | float) else 0.0

@@ -1,0 +1,253 @@
+"""The OpenCode CLI engine: one ``opencode run --format json`` process per prompt.
+
+No server to supervise: each prompt starts a fresh ``opencode run`` in the session directory (about
+2-3 s of start-up on a small machine, versus ~0.1 s per prompt on a warm ``opencode serve``; see the
+``opencode`` HTTP engine). ``--attach`` is not used: it truncates the output in 1.18.33.
+
+Sessions are created lazily by ``opencode run`` itself, so :meth:`OpenCodeCLIEngine.open_session`
+returns the placeholder id ``""`` for a new session and the run reports the real id in
+:attr:`CLIRunOutcome.session_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, SessionHandle
+from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES, deep_merge
+from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
+from client.protocol import ToolInfo
+
+from .common import (
+    JSON,
+    CLIEngine,
+    CLIRunOutcome,
+    CLISettings,
+    Translator,
+    as_float,
+    as_int,
+    real_dir,
+    stderr_excerpt,
+)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MAJOR = "1."
+
+
+@dataclass(slots=True)
+class OpenCodeCLISettings(CLISettings):
+    """How to run ``opencode run``.
+
+    ``config`` is merged over the headless defaults (no autoupdate, no sharing, the ``permission``
+    block below) into ``OPENCODE_CONFIG_CONTENT``; the caller brings ``provider``/``model``.
+    ``model`` (``provider/model``) and ``agent`` apply when a request names none.
+    """
+
+    binary: str = "opencode"
+    config: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    agent: str | None = None
+    #: Print reasoning parts (``--thinking``); without it ``opencode run`` drops them.
+    thinking: bool = True
+
+    def opencode_config(self) -> dict[str, Any]:
+        """The inline config: headless defaults, then ``config``."""
+        # Nobody answers a question here: an "ask" would hang the run, so the permission block
+        # allows everything in the directory and denies leaving it, questions and loop detection.
+        defaults = {"autoupdate": False, "share": "disabled", "permission": dict(DEFAULT_PERMISSION)}
+        return deep_merge(defaults, self.config)
+
+
+class OpenCodeTranslator(Translator):
+    """``opencode run --format json`` lines -> events and outcome.
+
+    Lines: ``step_start``, ``text`` and ``reasoning`` (whole parts, once finished), ``tool_use``
+    (once the tool completed or failed), ``step_finish`` (tokens and cost of one model call) and
+    ``error``. Final text = text parts of the last step; tokens and cost are summed over all steps.
+    """
+
+    def __init__(self, directory: str, session_id: str | None = None) -> None:
+        self.directory = directory
+        self.session_id = session_id or None
+        self.outcome = CLIRunOutcome()
+        self.step_texts: list[str] = []
+        self.error: JSON | None = None
+
+    def feed(self, event: JSON) -> list[AgentEvent]:
+        if isinstance(event.get("sessionID"), str) and event["sessionID"]:
+            self.session_id = event["sessionID"]
+        kind, part = event.get("type"), event.get("part")
+        part = part if isinstance(part, dict) else {}
+        if kind == "step_start":
+            self.step_texts = []
+        elif kind in ("text", "reasoning"):
+            text = part.get("text")
+            if isinstance(text, str) and text:
+                if kind == "text":
+                    self.step_texts.append(text)
+                    return [AgentEvent("text", text)]
+                return [AgentEvent("thinking", text)]
+        elif kind == "tool_use":
+            return self._tool(part)
+        elif kind == "step_finish":
+            tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
+            self.outcome.prompt_tokens += as_int(tokens.get("input"))
+            self.outcome.completion_tokens += as_int(tokens.get("output")) + as_int(tokens.get("reasoning"))
+            self.outcome.cost += as_float(part.get("cost"))
+        elif kind == "error" and isinstance(event.get("error"), dict) and self.error is None:
+            self.error = event["error"]
+        elif kind not in ("text", "reasoning"):
+            log.debug("unknown opencode event type %r", kind)
+        return []
+
+    def _tool(self, part: JSON) -> list[AgentEvent]:
+        state = part.get("state") if isinstance(part.get("state"), dict) else {}
+        name = str(part.get("tool") or "tool")
+        call_id = str(part.get("callID") or part.get("id") or "")
+        args = state.get("input") if isinstance(state.get("input"), dict) else None
+        failed = state.get("status") == "error"
+        output = state.get("error") if failed else state.get("output")
+        times = state.get("time") if isinstance(state.get("time"), dict) else {}
+        start, end = times.get("start"), times.get("end")
+        duration = max(0, int(end - start)) if isinstance(start, int | float) and isinstance(end, int | float) else None
+        self.outcome.tool_calls += 1
+        if name in EDIT_TOOLS and not failed:
+            path = (state.get("metadata") or {}).get("filepath") or (args or {}).get("filePath")
+            if isinstance(path, str) and path:
+                path = os.path.join(self.directory, path)  # no-op for absolute paths
+                if path not in self.outcome.files_edited:
+                    self.outcome.files_edited.append(path)
+        # The CLI prints a tool only once it is over: start and end are reported together.
+        return [
+            AgentEvent("tool_start", tool=ToolInfo(name=name, callID=call_id, args=args)),
+            AgentEvent(
+                "tool_end",
+                tool=ToolInfo(
+                    name=name,
+                    callID=call_id,
+                    output=None if output is None else str(output),
+                    duration=duration,
+                    error=failed,
+                ),
+            ),
+        ]
+
+    def finish(self, returncode: int, stderr: str, aborted: bool) -> CLIRunOutcome:
+        outcome = self.outcome
+        outcome.session_id = self.session_id
+        outcome.text = "".join(self.step_texts).strip()
+        if aborted or (self.error is not None and self.error.get("name") == ABORTED_ERROR):
+            outcome.aborted = True
+            return outcome
+        if self.error is not None:
+            outcome.error, outcome.error_type = describe_error(self.error)
+            return outcome
+        if returncode != 0:
+            raise EngineError(f"opencode run exited with code {returncode}: {stderr_excerpt(stderr)}")
+        return outcome
+
+
+class OpenCodeCLIEngine(CLIEngine):
+    """Runs each prompt as ``opencode run --format json`` in the session directory.
+
+    Safe for concurrent runs (one process each). The private state directory holds HOME and the
+    XDG directories, hence OpenCode's database of sessions.
+    """
+
+    name = "opencode-cli"
+    settings: OpenCodeCLISettings
+
+    def __init__(self, settings: OpenCodeCLISettings | None = None) -> None:
+        super().__init__(settings or OpenCodeCLISettings())
+        # Titles of sessions opened but not created yet, by directory (the run passes --title).
+        self._titles: dict[str, str] = {}
+
+    def prepare_state(self, root: Path) -> None:
+        for sub in ("home", "config", "data", "cache", "state"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        # Without node_modules in its config directory OpenCode starts a background
+        # `npm install @opencode-ai/plugin` on every run.
+        plugin_dir = root / "config" / "opencode"
+        (plugin_dir / "node_modules").mkdir(parents=True, exist_ok=True)
+        package = plugin_dir / "package.json"
+        if not package.exists():
+            package.write_text("{}\n")
+
+    def environment(self) -> dict[str, str]:
+        root = self.state_dir
+        env = self.base_environment()
+        env.update(
+            HOME=str(root / "home"),
+            XDG_CONFIG_HOME=str(root / "config"),
+            XDG_DATA_HOME=str(root / "data"),
+            XDG_CACHE_HOME=str(root / "cache"),
+            XDG_STATE_HOME=str(root / "state"),
+            OPENCODE_CONFIG_CONTENT=json.dumps(self.settings.opencode_config()),
+        )
+        env.update(OFFLINE_SWITCHES)
+        env.update(self.settings.env)
+        return env
+
+    def check_version(self, version: str) -> None:
+        if not version.startswith(SUPPORTED_MAJOR):
+            log.warning("OpenCode %s: the JSON output of `opencode run` was tested with 1.18.33", version)
+
+    async def list_sessions(self, directory: Path) -> list[JSON]:
+        """``opencode session list --format json`` run in ``directory`` (its project's sessions)."""
+        code, out, err = await self.helper(["session", "list", "--format", "json"], cwd=real_dir(directory))
+        if code != 0:
+            raise EngineError(f"opencode session list failed with code {code}: {stderr_excerpt(err)}")
+        if not out.strip():
+            return []  # no session yet: the command prints nothing
+        try:
+            sessions = json.loads(out)
+        except ValueError as exc:
+            raise EngineError(f"opencode session list printed invalid JSON: {out[:200]!r}") from exc
+        return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+
+    async def open_session(self, directory: Path, title: str, existing_id: str | None) -> SessionHandle:
+        """The existing session if OpenCode still knows it (in this directory), else the placeholder
+        ``SessionHandle("", created=True)``: the next :meth:`run` creates it with ``title``."""
+        key = real_dir(directory)
+        if existing_id:
+            for session in await self.list_sessions(directory):
+                if session.get("id") != existing_id:
+                    continue
+                where = session.get("directory")
+                if isinstance(where, str) and where and real_dir(where) != key:
+                    log.info("session %s belongs to %s, not %s: starting a new one", existing_id, where, key)
+                    break
+                self._titles.pop(key, None)
+                return SessionHandle(existing_id, created=False)
+            else:
+                log.info("opencode session %s not found in %s: starting a new one", existing_id, key)
+        self._titles[key] = title
+        return SessionHandle("", created=True)
+
+    async def run(self, request: PromptRequest, on_event: EventSink) -> CLIRunOutcome:
+        """Run the prompt (passed on stdin); ``session_id`` ``""`` creates a new session."""
+        s = self.settings
+        directory = real_dir(request.directory)
+        argv = [self.binary, "run", "--format", "json"]
+        if s.thinking:
+            argv.append("--thinking")
+        if request.session_id:
+            argv += ["--session", request.session_id]
+        elif title := self._titles.pop(directory, None):
+            argv += ["--title", title]
+        model = str(request.model) if request.model is not None else s.model
+        if model:
+            argv += ["--model", model]
+        if agent := request.agent or s.agent:
+            argv += ["--agent", agent]
+        argv += s.extra_args
+        # The prompt goes on stdin, not argv: no size limit (argv strings stop at 128 KiB) and a
+        # prompt starting with "-" cannot be taken for an option.
+        translator = OpenCodeTranslator(directory, request.session_id)
+        return await self.execute(request, argv, translator, on_event, stdin=request.prompt.encode())

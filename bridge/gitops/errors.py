@@ -1,0 +1,37 @@
+"""Errors of the git layer. Every message is redacted when the error is made, so whatever prints,
+logs or publishes it later cannot leak a token that git echoed back."""
+
+from __future__ import annotations
+
+from ..redact import Redactor, default_redactor
+
+
+class GitError(Exception):
+    """A git operation failed. ``error_type`` is the task result's ``errorType``."""
+
+    def __init__(
+        self,
+        message: str,
+        error_type: str = "git_error",
+        *,
+        stderr: str = "",
+        code: int | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        redactor = redactor or default_redactor
+        self.message = redactor.text(message)
+        self.error_type = error_type
+        self.stderr = redactor.text(stderr)
+        self.code = code
+        super().__init__(self.message)
+
+
+class GitInputError(GitError):
+    """A URL, branch, ref or remote from a task was refused before any git command ran."""
+
+    def __init__(self, message: str, *, redactor: Redactor | None = None) -> None:
+        super().__init__(message, "invalid_task", redactor=redactor)
+
+
+class GitTimeout(GitError):
+    """A git command ran longer than its configured timeout and was killed."""

@@ -1,0 +1,230 @@
+"""Changes in a workspace that is not a git repository: a before/after snapshot of the tree.
+
+Before the prompt every file's size, mtime and mode are recorded, and the content of files up to
+``file_limit`` bytes is kept (compressed, ``budget`` bytes in total) so that afterwards line counts
+and a unified diff can be made. After the prompt only files whose stat data changed are read again;
+a file whose content is unchanged (merely touched) is not reported. Deleted + added files with the
+same content are reported as one rename. Directories named ``.git`` are skipped. Synchronous: call
+through :func:`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import stat
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.protocol import FileChange
+
+_BINARY_PROBE = 8000  # bytes git inspects for a NUL to call a file binary
+
+
+@dataclass(slots=True)
+class Entry:
+    size: int
+    mtime_ns: int
+    mode: int
+    #: Target of a symbolic link (links are compared by target, never followed).
+    link: str | None = None
+    #: zlib-compressed content, when captured.
+    data: bytes | None = None
+    digest: bytes | None = None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+
+def _walk(root: Path):
+    """Yield ``(relative posix path, os.stat_result, link target)`` for files and links under ``root``."""
+    stack = [(str(root), "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                for entry in it:
+                    if entry.name == ".git":
+                        continue
+                    rel = prefix + entry.name
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISLNK(st.st_mode):
+                        try:
+                            yield rel, st, os.readlink(entry.path)
+                        except OSError:
+                            continue
+                    elif stat.S_ISDIR(st.st_mode):
+                        stack.append((entry.path, rel + "/"))
+                    elif stat.S_ISREG(st.st_mode):
+                        yield rel, st, None
+        except OSError:
+            continue
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def take(root: Path, *, file_limit: int, budget: int) -> Snapshot:
+    """Snapshot the tree under ``root``."""
+    snap = Snapshot()
+    kept = 0
+    for rel, st, link in _walk(root):
+        entry = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode, link=link)
+        if link is None and st.st_size <= file_limit and kept + st.st_size <= budget:
+            content = _read(root / rel)
+            if content is not None:
+                entry.data = zlib.compress(content, 1)
+                entry.digest = hashlib.sha1(content).digest()
+                kept += len(content)
+        snap.entries[rel] = entry
+    return snap
+
+
+def _is_binary(content: bytes) -> bool:
+    return b"\0" in content[:_BINARY_PROBE]
+
+
+def _mode(entry: Entry) -> str:
+    if entry.link is not None:
+        return "120000"
+    return "100755" if entry.mode & 0o111 else "100644"
+
+
+def _content(entry: Entry) -> bytes | None:
+    if entry.link is not None:
+        return entry.link.encode()
+    return zlib.decompress(entry.data) if entry.data is not None else None
+
+
+def _lines(content: bytes) -> list[str]:
+    # Split on "\n" only, as git does (str.splitlines also splits on \r, \f, \x1c...).
+    parts = content.decode("utf-8", "replace").split("\n")
+    lines = [part + "\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def _unified(old: bytes, new: bytes, a: str, b: str) -> tuple[str, int, int]:
+    """A git-style hunk section for two text contents, and the insertions and deletions it shows."""
+    a_lines, b_lines = _lines(old), _lines(new)
+    out: list[str] = []
+    ins = dels = 0
+    for number, line in enumerate(difflib.unified_diff(a_lines, b_lines, a, b, n=3)):
+        if number >= 2:  # the first two lines are the ---/+++ headers
+            if line.startswith("+"):
+                ins += 1
+            elif line.startswith("-"):
+                dels += 1
+        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(out), ins, dels
+
+
+class _Patch:
+    """Accumulates a patch up to a size limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+        self.truncated = False
+
+    def add(self, text: str) -> None:
+        if self.truncated:
+            return
+        size = len(text.encode("utf-8", "replace"))
+        if self.size + size > self.limit:
+            self.truncated = True
+            return
+        self.parts.append(text)
+        self.size += size
+
+
+def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: int) -> tuple[
+        list[FileChange], str, bool]:
+    """Changes between ``before`` and the tree now: ``(changes, unified diff, diff truncated)``."""
+    now: dict[str, Entry] = {}
+    for rel, st, link in _walk(root):
+        now[rel] = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode, link=link)
+    changes: dict[str, FileChange] = {}
+    patch = _Patch(max_patch_bytes)
+    new_content: dict[str, bytes | None] = {}
+
+    def current(rel: str) -> bytes | None:
+        if rel not in new_content:
+            entry = now[rel]
+            if entry.link is not None:
+                new_content[rel] = entry.link.encode()
+            else:
+                new_content[rel] = _read(root / rel) if entry.size <= file_limit else None
+        return new_content[rel]
+
+    added = sorted(set(now) - set(before.entries))
+    deleted = sorted(set(before.entries) - set(now))
+    # Exact renames: a deleted file whose captured content reappears under a new name.
+    by_digest: dict[bytes, str] = {}
+    for rel in added:
+        content = current(rel)
+        if content is not None and now[rel].link is None:
+            by_digest.setdefault(hashlib.sha1(content).digest(), rel)
+    for rel in list(deleted):
+        old = before.entries[rel]
+        target = by_digest.pop(old.digest, None) if old.digest is not None else None
+        if target is not None and target in added:
+            added.remove(target)
+            deleted.remove(rel)
+            changes[target] = FileChange(path=target, status="renamed", old_path=rel, insertions=0, deletions=0)
+            patch.add(f"diff --git a/{rel} b/{target}\nsimilarity index 100%\nrename from {rel}\nrename to {target}\n")
+
+    for rel in sorted(set(now) & set(before.entries)):
+        old, new = before.entries[rel], now[rel]
+        if old.link == new.link and old.size == new.size and old.mtime_ns == new.mtime_ns:
+            continue
+        old_bytes, new_bytes = _content(old), current(rel)
+        if old_bytes is not None and old_bytes == new_bytes:
+            continue  # touched, not changed
+        _record(changes, patch, rel, "modified", old_bytes, new_bytes, _mode(old), _mode(new))
+    for rel in added:
+        _record(changes, patch, rel, "added", b"", current(rel), None, _mode(now[rel]))
+    for rel in deleted:
+        entry = before.entries[rel]
+        _record(changes, patch, rel, "deleted", _content(entry), b"", _mode(entry), None)
+    return sorted(changes.values(), key=lambda c: c.path), "".join(patch.parts), patch.truncated
+
+
+def _record(changes: dict[str, FileChange], patch: _Patch, rel: str, status: str, old: bytes | None,
+            new: bytes | None, old_mode: str | None, new_mode: str | None) -> None:
+    header = f"diff --git a/{rel} b/{rel}\n"
+    if status == "added":
+        header += f"new file mode {new_mode}\n"
+    elif status == "deleted":
+        header += f"deleted file mode {old_mode}\n"
+    elif old_mode != new_mode:
+        header += f"old mode {old_mode}\nnew mode {new_mode}\n"
+    if old is None or new is None:
+        # Content not captured (too large, or beyond the snapshot budget): listed without counts.
+        changes[rel] = FileChange(path=rel, status=status)
+        patch.add(header + "(content not captured: file too large)\n")
+        return
+    if _is_binary(old) or _is_binary(new):
+        changes[rel] = FileChange(path=rel, status=status, binary=True)
+        a = "/dev/null" if status == "added" else f"a/{rel}"
+        b = "/dev/null" if status == "deleted" else f"b/{rel}"
+        patch.add(header + f"Binary files {a} and {b} differ\n")
+        return
+    a = "/dev/null" if status == "added" else f"a/{rel}"
+    b = "/dev/null" if status == "deleted" else f"b/{rel}"
+    body, ins, dels = _unified(old, new, a, b)
+    changes[rel] = FileChange(path=rel, status=status, insertions=ins, deletions=dels)
+    patch.add(header + body)
