@@ -42,6 +42,11 @@ class Naming(BaseModel):
         return self.cancel_prefix or f"{self.task_subject}.cancel"
 
     @property
+    def ops_subject(self) -> str:
+        """Request/reply subject for workspace operations (open, close, branch, commit, push...)."""
+        return f"{self.task_subject}.ops"
+
+    @property
     def dead_letter(self) -> str:
         return self.dead_letter_subject or f"{self.task_subject}.deadletter"
 

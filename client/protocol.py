@@ -119,6 +119,10 @@ class WorkspaceSpec(WireModel):
 
     name: str = Field(min_length=1, max_length=4096)
     git: GitSpec | None = None
+    # Additions: when the sidecar deletes the workspace, and who owns it.
+    cleanup: CleanupPolicy | None = None
+    scope: Scope | None = None
+    scope_id: str | None = Field(default=None, alias="scopeID")
 
 
 class TaskCallback(WireModel):
@@ -157,6 +161,9 @@ class Task(WireModel):
     callback: TaskCallback
     agent: str | None = None
     model: ModelRef | None = None
+    #: Addition: input files staged in the object store under ``input/<taskID>/<name>``, placed at
+    #: ``<workspace>/<name>`` before the prompt.
+    files: list[str] | None = None
 
 
 class CancelRequest(WireModel):
@@ -267,6 +274,10 @@ class TaskResult(WireModel):
     metrics: ResultMetrics = Field(default_factory=ResultMetrics)
     error: str | None = None
     error_type: str | None = Field(default=None, alias="errorType")
+    #: Additions: the files the task changed (from git, or snapshots outside git) and the object
+    #: store name of their unified diff (``output/<taskID>/changes.patch``).
+    changes: list[FileChange] | None = None
+    patch: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -322,6 +333,9 @@ def cancel_key(task_id: str) -> str:
     return "cancel." + kv_key(task_id)
 
 
+CleanupPolicy = Literal["on_session_end", "on_success", "manual"]
+Scope = Literal["agent", "workflow"]
+
 ErrorType = Literal[
     "invalid_task",
     "workspace_error",
@@ -354,12 +368,15 @@ class FileChange(WireModel):
 
 
 GitOpName = Literal["branch", "commit", "push", "status", "diff"]
+#: Every operation the sidecar answers on the ops subject: the git ones plus opening and closing a
+#: session's workspace (Station's coding_open / coding_close).
+OpName = Literal["open", "close", "branch", "commit", "push", "status", "diff"]
 
 
 class GitOpRequest(WireModel):
     """A git operation on a session's workspace (Station's coding_branch / coding_commit / coding_push)."""
 
-    op: GitOpName
+    op: OpName
     #: Session (or workspace name) whose workspace the operation acts on.
     session: str | None = None
     workspace: str | None = None
@@ -379,6 +396,14 @@ class GitOpRequest(WireModel):
     #: push: a token for this push (else the session's / sidecar's); in memory a SecretStr.
     token: SecretStr | None = None
     token_from_kv: str | None = Field(default=None, alias="tokenFromKV")
+    #: open: repository to clone (or pull) into the workspace, session title, lifetime of the workspace.
+    git: GitSpec | None = None
+    title: str | None = None
+    scope: Scope | None = None
+    scope_id: str | None = Field(default=None, alias="scopeID")
+    cleanup: CleanupPolicy | None = None
+    #: close: whether the work succeeded (``on_success`` cleans up only then).
+    success: bool | None = None
 
     @field_serializer("token", when_used="json")
     def _reveal_token(self, token: SecretStr | None) -> str | None:
@@ -389,7 +414,15 @@ class GitOpResult(WireModel):
     """Outcome of a :class:`GitOpRequest`; every figure comes from git itself."""
 
     ok: bool
-    op: GitOpName
+    op: OpName
+    #: open: the session name, its engine session id, the workspace and whether a repo was cloned.
+    session: str | None = None
+    opencode_id: str | None = Field(default=None, alias="opencodeID")
+    workspace_path: str | None = Field(default=None, alias="workspacePath")
+    repo_cloned: bool | None = Field(default=None, alias="repoCloned")
+    managed: bool | None = None
+    #: close: whether the workspace was deleted.
+    cleaned_up: bool | None = Field(default=None, alias="cleanedUp")
     branch: str | None = None
     previous_branch: str | None = Field(default=None, alias="previousBranch")
     created: bool | None = None
@@ -414,4 +447,9 @@ class GitOpResult(WireModel):
     error_type: str | None = Field(default=None, alias="errorType")
 
 
-__all__ += ["FileChange", "GitOpName", "GitOpRequest", "GitOpResult"]
+__all__ += ["CleanupPolicy", "FileChange", "GitOpName", "GitOpRequest", "GitOpResult", "OpName", "Scope"]
+
+
+# Models above refer to models defined further down (FileChange, CleanupPolicy).
+for _model in (WorkspaceSpec, Task, TaskResult, TaskRecord):
+    _model.model_rebuild()

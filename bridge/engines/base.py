@@ -66,6 +66,9 @@ class RunOutcome:
     error: str | None = None
     error_type: str | None = None
     files_edited: list[str] = field(default_factory=list)
+    #: The engine's real session id when it only became known during the run (CLI engines create
+    #: sessions on first use); ``None`` when it is the one passed in.
+    session_id: str | None = None
 
 
 class EngineError(Exception):

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, SessionHandle
+from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
 from client.protocol import ToolInfo
 
 from .common import (
     JSON,
     CLIEngine,
-    CLIRunOutcome,
     CLISettings,
     Translator,
     as_float,
@@ -78,7 +77,7 @@ class ClaudeTranslator(Translator):
         self.directory = directory
         self.session_id = session_id or None
         self.baseline_cost = baseline_cost
-        self.outcome = CLIRunOutcome()
+        self.outcome = RunOutcome()
         self.result: JSON | None = None
         self.last_texts: list[str] = []
         self.last_message_id: str | None = None
@@ -145,7 +144,7 @@ class ClaudeTranslator(Translator):
         if path not in self.outcome.files_edited:
             self.outcome.files_edited.append(path)
 
-    def finish(self, returncode: int, stderr: str, aborted: bool) -> CLIRunOutcome:
+    def finish(self, returncode: int, stderr: str, aborted: bool) -> RunOutcome:
         outcome, result = self.outcome, self.result
         outcome.session_id = self.session_id
         outcome.text = "".join(self.last_texts).strip()
@@ -276,7 +275,7 @@ class ClaudeCodeEngine(CLIEngine):
         self._titles[session_id] = title
         return SessionHandle(session_id, created=True)
 
-    async def run(self, request: PromptRequest, on_event: EventSink) -> CLIRunOutcome:
+    async def run(self, request: PromptRequest, on_event: EventSink) -> RunOutcome:
         """Run the prompt (passed on stdin) in ``request.session_id`` (``""``: a new session)."""
         s = self.settings
         argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose"]

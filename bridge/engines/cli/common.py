@@ -36,17 +36,6 @@ DEFAULT_INHERITED_ENV: tuple[str, ...] = (
 
 
 @dataclass(slots=True)
-class CLIRunOutcome(RunOutcome):
-    """A :class:`RunOutcome` that also names the session the run used.
-
-    For a run started without a session id (a new session: the CLI creates it), ``session_id`` is
-    the id the CLI reported; callers should store it in place of the placeholder.
-    """
-
-    session_id: str | None = None
-
-
-@dataclass(slots=True)
 class CLISettings:
     """Settings common to the CLI engines.
 
@@ -84,7 +73,7 @@ class Translator(abc.ABC):
         """Consume one JSON line; return the events it produces."""
 
     @abc.abstractmethod
-    def finish(self, returncode: int, stderr: str, aborted: bool) -> CLIRunOutcome:
+    def finish(self, returncode: int, stderr: str, aborted: bool) -> RunOutcome:
         """The outcome once the process exited; raises :class:`EngineError` when it failed
         without saying why in its output."""
 
@@ -209,7 +198,7 @@ class CLIEngine(Engine):
         on_event: EventSink,
         *,
         stdin: bytes | None = None,
-    ) -> CLIRunOutcome:
+    ) -> RunOutcome:
         """Run one CLI process to completion, relaying its events; the tree is killed on any exit
         path (abort, cancellation, an exception from ``on_event``...)."""
         directory = real_dir(request.directory)

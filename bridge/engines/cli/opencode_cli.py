@@ -6,7 +6,7 @@ No server to supervise: each prompt starts a fresh ``opencode run`` in the sessi
 
 Sessions are created lazily by ``opencode run`` itself, so :meth:`OpenCodeCLIEngine.open_session`
 returns the placeholder id ``""`` for a new session and the run reports the real id in
-:attr:`CLIRunOutcome.session_id`.
+:attr:`RunOutcome.session_id`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, SessionHandle
+from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
 from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES, deep_merge
 from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
 from client.protocol import ToolInfo
@@ -26,7 +26,6 @@ from client.protocol import ToolInfo
 from .common import (
     JSON,
     CLIEngine,
-    CLIRunOutcome,
     CLISettings,
     Translator,
     as_float,
@@ -75,7 +74,7 @@ class OpenCodeTranslator(Translator):
     def __init__(self, directory: str, session_id: str | None = None) -> None:
         self.directory = directory
         self.session_id = session_id or None
-        self.outcome = CLIRunOutcome()
+        self.outcome = RunOutcome()
         self.step_texts: list[str] = []
         self.error: JSON | None = None
 
@@ -138,7 +137,7 @@ class OpenCodeTranslator(Translator):
             ),
         ]
 
-    def finish(self, returncode: int, stderr: str, aborted: bool) -> CLIRunOutcome:
+    def finish(self, returncode: int, stderr: str, aborted: bool) -> RunOutcome:
         outcome = self.outcome
         outcome.session_id = self.session_id
         outcome.text = "".join(self.step_texts).strip()
@@ -230,7 +229,7 @@ class OpenCodeCLIEngine(CLIEngine):
         self._titles[key] = title
         return SessionHandle("", created=True)
 
-    async def run(self, request: PromptRequest, on_event: EventSink) -> CLIRunOutcome:
+    async def run(self, request: PromptRequest, on_event: EventSink) -> RunOutcome:
         """Run the prompt (passed on stdin); ``session_id`` ``""`` creates a new session."""
         s = self.settings
         directory = real_dir(request.directory)
