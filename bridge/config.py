@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from client.connection import NatsOptions
 from client.naming import Naming
+from client.protocol import CleanupPolicy
+
+from .gitops.settings import GitSettings
 
 ENV_PREFIX = "OCBRIDGE_"
 
@@ -84,6 +87,27 @@ class OpenCodeConfig(Section):
     permission_policy: Literal["allow", "deny"] = "allow"
 
 
+class OpenCodeCLIConfig(Section):
+    """The ``opencode-cli`` engine: ``opencode run --format json`` per prompt."""
+
+    binary: str | None = None
+    model: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClaudeCodeConfig(Section):
+    """The ``claudecode`` engine: ``claude -p ... --output-format stream-json`` per prompt."""
+
+    binary: str | None = None
+    model: str | None = None
+    max_turns: int | None = Field(default=100, ge=1)
+    allowed_tools: list[str] = Field(default_factory=list)
+    disallowed_tools: list[str] = Field(default_factory=list)
+    permission_mode: str | None = "acceptEdits"
+    #: Extra environment for the CLI (e.g. ``ANTHROPIC_BASE_URL``); keys are never logged.
+    env: dict[str, str] = Field(default_factory=dict)
+
+
 class BridgeConfig(Section):
     """Everything ``ocbridge serve`` can be told."""
 
@@ -92,11 +116,20 @@ class BridgeConfig(Section):
     naming: Naming = Field(default_factory=Naming)
     jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)
     opencode: OpenCodeConfig = Field(default_factory=OpenCodeConfig)
-    engine: Literal["opencode"] = "opencode"
+    opencode_cli: OpenCodeCLIConfig = Field(default_factory=OpenCodeCLIConfig)
+    claudecode: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
+    git: GitSettings = Field(default_factory=GitSettings)
+    #: Which agent runs the prompts.
+    engine: Literal["opencode", "opencode-cli", "claudecode"] = "opencode"
     workspace_root: Path = Path("workspaces")
     #: Private state: embedded NATS data, OpenCode's HOME/XDG dirs, logs.
     data_dir: Path = Path(".ocbridge")
     concurrency: int = Field(default=2, ge=1, le=256)
+    #: When a workspace is deleted, unless a task or ``open`` says otherwise.
+    cleanup_policy: CleanupPolicy = "manual"
+    #: Workspaces unused for this long are deleted by the sweeper (seconds; 0 turns it off).
+    workspace_max_age: float = Field(default=7 * 24 * 3600, ge=0)
+    sweep_interval: float = Field(default=3600, gt=0)
     #: Start the offline scripted model and point OpenCode at it (demo and tests).
     offline_model: bool = False
     #: Timeout for a task that gives none (seconds).

@@ -6,15 +6,17 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-from nats.aio.client import Client as NATS
 
 from client.protocol import EventType, StreamEvent, ToolInfo, iso_now
 
 from .redact import Redactor
 
 log = logging.getLogger(__name__)
+
+#: ``publish(subject, data)``: NATS for the sidecar, a callback for in-process backends.
+Publish = Callable[[str, bytes], Awaitable[None]]
 
 _MAX_BUFFER = 4096  # characters of text held back at most before a flush
 
@@ -28,9 +30,9 @@ class EventEmitter:
     """
 
     def __init__(
-        self, nc: NATS, subject: str, task_id: str, redactor: Redactor, *, flush_interval: float = 0.1
+        self, publish: Publish, subject: str, task_id: str, redactor: Redactor, *, flush_interval: float = 0.1
     ) -> None:
-        self._nc = nc
+        self._publish_raw = publish
         self._subject = subject
         self._task_id = task_id
         self._redactor = redactor
@@ -95,7 +97,7 @@ class EventEmitter:
         self._seq += 1
         event = StreamEvent(taskID=self._task_id, seq=self._seq, timestamp=iso_now(), type=type_, **fields)
         payload = self._redactor.data(event.to_dict())
-        await self._nc.publish(self._subject, json.dumps(payload, separators=(",", ":")).encode())
+        await self._publish_raw(self._subject, json.dumps(payload, separators=(",", ":")).encode())
 
 
 def _log_failure(task: asyncio.Future) -> None:

@@ -1,8 +1,8 @@
-"""Run one task: workspace, session, prompt, live events, one result.
+"""Run one task: workspace, git, session, prompt, live events, changes, one result.
 
 The pipeline knows nothing about JetStream (the worker acks and redelivers) and nothing about a
 particular agent (the engine does). It owns Station's event order, the timeout and cancellation,
-the session record in KV and the shape of the result.
+the session record, the change report and the shape of the result.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nats.aio.client import Client as NATS
-
 from client.protocol import (
     EventSession,
     EventType,
     ResultMetrics,
     ResultSession,
     ResultWorkspace,
+    SessionGit,
     SessionState,
     Task,
     TaskResult,
@@ -29,22 +28,17 @@ from client.protocol import (
     iso_now,
 )
 
+from .cleanup import WorkspaceJanitor
 from .config import BridgeConfig
-from .emitter import EventEmitter
+from .emitter import EventEmitter, Publish
 from .engines.base import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome
+from .gitops import ChangeSet, RepoState
 from .redact import Redactor
 from .sessions import SessionStore
-from .workspace import Workspace, WorkspaceError, open_workspace
+from .workspace import Workspace
+from .workspace_flow import WorkspaceFailure, WorkspaceFlow
 
 log = logging.getLogger(__name__)
-
-
-class TaskFailure(Exception):
-    """A task cannot go on; becomes an error result with ``error_type``."""
-
-    def __init__(self, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
 
 
 @dataclass
@@ -52,9 +46,12 @@ class _Progress:
     """What is known about a task so far, for the result whatever way it ends."""
 
     workspace: Workspace | None = None
+    repo: RepoState | None = None
     session_id: str | None = None
     message_count: int | None = None
     outcome: RunOutcome = field(default_factory=RunOutcome)
+    changes: ChangeSet | None = None
+    patch: str | None = None
 
 
 class TaskPipeline:
@@ -63,15 +60,19 @@ class TaskPipeline:
     def __init__(
         self,
         *,
-        nc: NATS,
+        publish: Publish,
         engine: Engine,
         sessions: SessionStore,
+        flow: WorkspaceFlow,
+        janitor: WorkspaceJanitor,
         config: BridgeConfig,
         redactor: Redactor,
     ) -> None:
-        self._nc = nc
+        self._publish = publish
         self._engine = engine
         self._sessions = sessions
+        self._flow = flow
+        self._janitor = janitor
         self._config = config
         self._redactor = redactor
 
@@ -79,7 +80,7 @@ class TaskPipeline:
         """Run ``task`` to its single result. ``cancel`` being set stops it with ``cancelled``."""
         started = time.monotonic()
         emitter = EventEmitter(
-            self._nc,
+            self._publish,
             task.callback.stream_subject,
             task.task_id,
             self._redactor,
@@ -106,9 +107,7 @@ class TaskPipeline:
                         asyncio.shield(self._engine.abort(progress.workspace.path, progress.session_id)), 5
                     )
             raise
-        except TaskFailure as exc:
-            status, error, error_type = TaskStatus.ERROR, str(exc), exc.error_type
-        except EngineError as exc:
+        except (WorkspaceFailure, EngineError) as exc:
             status, error, error_type = TaskStatus.ERROR, str(exc), exc.error_type
         except Exception as exc:
             log.exception("task %s failed unexpectedly", task.task_id)
@@ -123,35 +122,72 @@ class TaskPipeline:
                 await emitter.emit(EventType.ERROR, content=self._redactor.text(error))
         with contextlib.suppress(Exception):
             await emitter.flush()
-        return self._result(task, status, error, error_type, progress, emitter, started)
+        result = self._result(task, status, error, error_type, progress, emitter, started)
+        if progress.workspace is not None:
+            with contextlib.suppress(Exception):
+                await self._janitor.after_task(progress.workspace.path, status == TaskStatus.COMPLETED)
+        return result
 
     # ------------------------------------------------------------------------------ the steps
 
     async def _run_locked(
         self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: _Progress
     ) -> TaskStatus:
-        try:
-            workspace = open_workspace(self._config.workspace_root, task.workspace.name)
-        except WorkspaceError as exc:
-            raise TaskFailure(str(exc), "invalid_task") from None
-        except OSError as exc:
-            raise TaskFailure(f"cannot create workspace: {exc.strerror}", "workspace_error") from None
-        progress.workspace = workspace
+        spec = task.workspace
+        workspace = progress.workspace = self._flow.open(spec.name)
         await emitter.emit(
             EventType.WORKSPACE_CREATED if workspace.created else EventType.WORKSPACE_REUSED,
             content=str(workspace.path),
         )
+        await self._janitor.touch(workspace.path, policy=spec.cleanup, scope=spec.scope, scope_id=spec.scope_id)
+        with self._janitor.using(workspace.path):
+            if spec.git is not None:
+                progress.repo = await self._flow.clone_or_pull(workspace, spec.git, emitter.emit)
+            if task.files:
+                await self._flow.place_inputs(task.task_id, workspace, task.files)
+            baseline = await self._flow.baseline(workspace)
 
+            state = await self._open_session(task, workspace, emitter, progress)
+            if cancel.is_set():
+                return TaskStatus.CANCELLED
+            await emitter.emit(EventType.PROMPT_SENT, content=task.prompt)
+            request = PromptRequest(
+                directory=workspace.path, session_id=state.opencode_id, prompt=task.prompt,
+                model=task.model, agent=task.agent,
+            )
+            status = await self._prompt(request, task, cancel, emitter, progress)
+
+            outcome = progress.outcome
+            if outcome.session_id:  # a CLI engine created the session during the run
+                state.opencode_id = progress.session_id = outcome.session_id
+            progress.changes = await self._flow.changes(workspace, baseline)
+            progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
+            state.message_count = outcome.message_count or state.message_count + 1
+            state.last_used = iso_now()
+            if progress.repo is not None or progress.changes.git:
+                state.git = SessionGit(
+                    url=progress.repo.url if progress.repo else (state.git.url if state.git else None),
+                    branch=progress.changes.branch,
+                    lastCommit=progress.changes.commit,
+                )
+            progress.message_count = state.message_count
+            await self._sessions.put(state)
+            return status
+
+    async def _open_session(
+        self, task: Task, workspace: Workspace, emitter: EventEmitter, progress: _Progress
+    ) -> SessionState:
         previous = await self._sessions.get(task.session.name) if task.session.reuse else None
         existing_id = None
         if previous is not None and Path(previous.workspace_path) == workspace.path:
-            existing_id = previous.opencode_id
+            existing_id = previous.opencode_id or None
         handle = await self._engine.open_session(workspace.path, task.session.name, existing_id)
         progress.session_id = handle.id
-        reused = not handle.created and previous is not None
+        # A session opened by the ``open`` operation counts as reused even before its first prompt.
+        reused = previous is not None and (not handle.created or handle.id == previous.opencode_id)
         await emitter.emit(
             EventType.SESSION_REUSED if reused else EventType.SESSION_CREATED,
-            session=EventSession(name=task.session.name, opencodeID=handle.id),
+            session=EventSession(name=task.session.name, opencodeID=handle.id or None),
         )
         state = SessionState(
             sessionName=task.session.name,
@@ -161,24 +197,12 @@ class TaskPipeline:
             created=previous.created if reused and previous else iso_now(),
             lastUsed=iso_now(),
             messageCount=previous.message_count if reused and previous else 0,
+            git=previous.git if reused and previous else None,
             engine=self._engine.name,
+            title=previous.title if previous else None,
         )
         await self._sessions.put(state)
-
-        if cancel.is_set():
-            return TaskStatus.CANCELLED
-        await emitter.emit(EventType.PROMPT_SENT, content=task.prompt)
-        request = PromptRequest(
-            directory=workspace.path, session_id=handle.id, prompt=task.prompt, model=task.model, agent=task.agent
-        )
-        status = await self._prompt(request, task, cancel, emitter, progress)
-
-        outcome = progress.outcome
-        state.message_count = outcome.message_count or state.message_count + 1
-        state.last_used = iso_now()
-        progress.message_count = state.message_count
-        await self._sessions.put(state)
-        return status
+        return state
 
     async def _prompt(
         self,
@@ -244,17 +268,18 @@ class TaskPipeline:
         emitter: EventEmitter,
         started: float,
     ) -> TaskResult:
-        outcome = progress.outcome
-        workspace = progress.workspace
+        outcome, workspace, changes = progress.outcome, progress.workspace, progress.changes
         return TaskResult(
             taskID=task.task_id,
             status=status,
             result=outcome.text or (error or ""),
             session=ResultSession(
-                name=task.session.name, opencodeID=progress.session_id, messageCount=progress.message_count
+                name=task.session.name, opencodeID=progress.session_id or None, messageCount=progress.message_count
             ),
             workspace=ResultWorkspace(
-                name=task.workspace.name, path=str(workspace.path) if workspace else None
+                name=task.workspace.name,
+                path=str(workspace.path) if workspace else None,
+                git=changes.result_git() if changes else None,
             ),
             metrics=ResultMetrics(
                 duration=int((time.monotonic() - started) * 1000),
@@ -266,4 +291,6 @@ class TaskPipeline:
             ),
             error=error,
             errorType=error_type,
+            changes=changes.changes if changes else None,
+            patch=progress.patch,
         )

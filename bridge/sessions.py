@@ -1,4 +1,4 @@
-"""Session state in the sessions KV bucket (key = session name), as Station reads it."""
+"""Session state (key = session name), as Station reads it from the sessions KV bucket."""
 
 from __future__ import annotations
 
@@ -6,28 +6,26 @@ import asyncio
 import json
 from collections import defaultdict
 
-from nats.js.kv import KeyValue
-
-from client.kv import get_json, kv_key, kv_name, list_keys
 from client.protocol import SessionState
 
 from .redact import Redactor
+from .stores import KeyValueStore, get_json
 
 
 class SessionStore:
-    """Reads and writes :class:`SessionState`; serialises work on one session within a sidecar."""
+    """Reads and writes :class:`SessionState`; serialises work on one session within a process."""
 
-    def __init__(self, kv: KeyValue, redactor: Redactor) -> None:
-        self._kv = kv
+    def __init__(self, store: KeyValueStore, redactor: Redactor) -> None:
+        self._store = store
         self._redactor = redactor
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def lock(self, name: str) -> asyncio.Lock:
-        """A lock held while a task runs in the session: one prompt at a time per session."""
+        """Held while a task or an operation works in the session: one at a time per session."""
         return self._locks[name]
 
     async def get(self, name: str) -> SessionState | None:
-        data = await get_json(self._kv, kv_key(name))
+        data = await get_json(self._store, name)
         if data is None:
             return None
         try:
@@ -37,10 +35,11 @@ class SessionStore:
 
     async def put(self, state: SessionState) -> None:
         payload = self._redactor.data(state.to_dict())
-        await self._kv.put(kv_key(state.session_name), json.dumps(payload).encode())
+        await self._store.put(state.session_name, json.dumps(payload).encode())
 
     async def delete(self, name: str) -> None:
-        await self._kv.delete(kv_key(name))
+        await self._store.delete(name)
 
-    async def names(self) -> list[str]:
-        return [kv_name(k) for k in await list_keys(self._kv)]
+    async def all(self) -> list[SessionState]:
+        states = [await self.get(name) for name in await self._store.keys()]
+        return sorted((s for s in states if s), key=lambda s: s.last_used, reverse=True)

@@ -18,9 +18,9 @@ from .config import BridgeConfig
 from .engines.base import Engine
 from .engines.factory import build_engine
 from .natsd import EmbeddedNats
-from .pipeline import TaskPipeline
 from .redact import Redactor, default_redactor
-from .sessions import SessionStore
+from .runtime import build_runtime
+from .stores import NatsArtifacts, NatsKeyValue
 from .streams import ensure_buckets, ensure_consumer, ensure_dead_letter_stream, ensure_task_stream
 from .worker import Worker
 
@@ -42,12 +42,16 @@ class Sidecar:
         self._offline_model = None
         self._nc: NATS | None = None
         self.worker: Worker | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
-        for secret in (config.nats.password, config.nats.token, config.opencode.password):
+        for secret in (config.nats.password, config.nats.token, config.opencode.password, config.git.token):
             if secret is not None:
                 self.redactor.add(secret.get_secret_value())
+        for name, value in config.claudecode.env.items():
+            if any(word in name.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
+                self.redactor.add(value)
         data_dir = config.data_dir.resolve()
         config.workspace_root.mkdir(parents=True, exist_ok=True)
         try:
@@ -77,11 +81,13 @@ class Sidecar:
             await ensure_dead_letter_stream(js, naming)
             await ensure_consumer(js, stream, naming, settings)
             buckets = await ensure_buckets(js, naming, settings)
-            pipeline = TaskPipeline(
-                nc=self._nc,
-                engine=self.engine,
-                sessions=SessionStore(buckets.sessions, self.redactor),
-                config=config,
+            runtime = build_runtime(
+                config,
+                self.engine,
+                publish=self._nc.publish,
+                sessions=NatsKeyValue(buckets.sessions),
+                state=NatsKeyValue(buckets.state),
+                artifacts=NatsArtifacts(buckets.files),
                 redactor=self.redactor,
             )
             self.worker = Worker(
@@ -89,18 +95,25 @@ class Sidecar:
                 js=js,
                 stream=stream,
                 buckets=buckets,
-                pipeline=pipeline,
+                runtime=runtime,
                 config=config,
                 redactor=self.redactor,
                 sidecar_id=self.id,
             )
             await self.worker.start()
+            if config.workspace_max_age > 0:
+                self._sweeper = asyncio.create_task(
+                    runtime.janitor.sweep_forever(config.workspace_max_age, config.sweep_interval)
+                )
         except BaseException:
             await self.stop(grace=0)
             raise
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: no new tasks, running ones get ``grace`` seconds, then everything is reaped."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.worker is not None:
             await self.worker.stop(grace)
             self.worker = None

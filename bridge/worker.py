@@ -28,6 +28,8 @@ from pydantic import ValidationError
 
 from client.kv import get_json
 from client.protocol import (
+    GitOpRequest,
+    GitOpResult,
     Task,
     TaskRecord,
     TaskResult,
@@ -37,8 +39,8 @@ from client.protocol import (
 )
 
 from .config import BridgeConfig
-from .pipeline import TaskPipeline
 from .redact import Redactor
+from .runtime import Runtime
 from .streams import Buckets
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class Worker:
         js: JetStreamContext,
         stream: str,
         buckets: Buckets,
-        pipeline: TaskPipeline,
+        runtime: Runtime,
         config: BridgeConfig,
         redactor: Redactor,
         sidecar_id: str,
@@ -98,7 +100,8 @@ class Worker:
         self._js = js
         self._stream = stream
         self._buckets = buckets
-        self._pipeline = pipeline
+        self._pipeline = runtime.pipeline
+        self._ops = runtime.ops
         self._config = config
         self._naming = config.naming
         self._redactor = redactor
@@ -108,6 +111,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
+        self._ops_sub: Any = None
+        self._op_tasks: set[asyncio.Task[None]] = set()
         self.cancels = CancelRegistry()
 
     async def start(self) -> None:
@@ -115,6 +120,8 @@ class Worker:
             durable=self._naming.consumer_name, stream=self._stream
         )
         self._cancel_sub = await self._nc.subscribe(self._naming.cancel_root + ".>", cb=self._on_cancel)
+        # Any sidecar may answer an operation: workspaces live on a volume all of them share.
+        self._ops_sub = await self._nc.subscribe(self._naming.ops_subject, queue="ocbridge-ops", cb=self._on_op)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="ocbridge-fetch")
         log.info(
             "sidecar %s consuming %s (stream %s, concurrency %d)",
@@ -135,9 +142,12 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=15)
-        if self._cancel_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._cancel_sub.unsubscribe()
+        for sub in (self._cancel_sub, self._ops_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        if self._op_tasks:
+            await asyncio.wait(set(self._op_tasks), timeout=grace)
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
@@ -177,6 +187,28 @@ class Worker:
         task_id = msg.subject[len(self._naming.cancel_root) + 1 :]
         if task_id and self.cancels.request(task_id):
             log.info("task %s: cancel requested", task_id)
+
+    async def _on_op(self, msg: Msg) -> None:
+        # Operations (a clone, a push) can take minutes: never block the subscription on one.
+        task = asyncio.create_task(self._answer_op(msg))
+        self._op_tasks.add(task)
+        task.add_done_callback(self._op_tasks.discard)
+
+    async def _answer_op(self, msg: Msg) -> None:
+        try:
+            request = GitOpRequest.from_wire(msg.data)
+        except (ValidationError, ValueError) as exc:
+            problems = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
+            # ``op`` is required on the wire; an unreadable request is reported as a status failure.
+            result = GitOpResult(ok=False, op="status", error=f"invalid operation: {problems}",
+                                 errorType="invalid_task")
+        else:
+            log.info("operation %s on %s", request.op, request.session or request.workspace)
+            result = await self._ops.handle(request)
+        if msg.reply:
+            payload = self._redactor.data(result.to_dict())
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(payload, separators=(",", ":")).encode())
 
     # ---------------------------------------------------------------------------------- handling
 
@@ -268,9 +300,7 @@ class Worker:
 
     async def _reject(self, msg: Msg, raw: dict[str, Any], exc: ValidationError) -> None:
         """An invalid task: error result when we know where to send it, else dead letter."""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
-        )
+        problems = _problems(exc)
         callback = raw.get("callback")
         result_subject = callback.get("resultSubject") if isinstance(callback, dict) else None
         task_id = raw.get("taskID") if isinstance(raw.get("taskID"), str) else None
@@ -298,6 +328,10 @@ class Worker:
         except Exception as exc:
             log.error("dead-letter publish failed: %s", exc)
         await msg.term()
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False))
 
 
 def _seq(msg: Msg) -> str:

@@ -304,8 +304,10 @@ class SessionState(WireModel):
     last_used: str = Field(alias="lastUsed")
     message_count: int = Field(default=0, alias="messageCount")
     git: SessionGit | None = None
-    # Addition: which engine owns the session id (opencode, opencode-cli, claudecode).
+    # Additions: which engine owns the session id (opencode, opencode-cli, claudecode), and the
+    # title given when it was opened (sessions can be found again by part of it).
     engine: str | None = None
+    title: str | None = None
 
 
 # ------------------------------------------------------------------------------------- task records

@@ -27,18 +27,34 @@ def find_tool(name: str, configured: str | None = None) -> str:
 
 
 def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str | None = None) -> Engine:
-    from .opencode.engine import OpenCodeEngine
-    from .opencode.settings import OpenCodeSettings, deep_merge
+    """The engine ``config.engine`` names, wired to the offline model when one runs."""
+    # ripgrep from PyPI lives next to the interpreter; OpenCode's glob/grep tools need it.
+    scripts = [sysconfig.get_path("scripts")]
+    if config.engine == "claudecode":
+        return _claude(config, data_dir, offline_model_url, scripts)
+    from .opencode.settings import deep_merge
 
-    oc = config.opencode
     extra: dict = {}
     if offline_model_url:
         from ..offline_model.configs import opencode_provider_config
 
         extra = opencode_provider_config(offline_model_url)
+    if config.engine == "opencode-cli":
+        from .cli.opencode_cli import OpenCodeCLIEngine, OpenCodeCLISettings
+
+        cli = config.opencode_cli
+        return OpenCodeCLIEngine(OpenCodeCLISettings(
+            binary=find_tool("opencode", cli.binary), state_dir=data_dir / "opencode-cli",
+            config=deep_merge(extra, cli.config), model=cli.model or config.opencode.model, extra_path=scripts,
+        ))
+
+    from .opencode.engine import OpenCodeEngine
+    from .opencode.settings import OpenCodeSettings
+
+    oc = config.opencode
     if oc.model:
         extra["model"] = oc.model
-    settings = OpenCodeSettings(
+    return OpenCodeEngine(OpenCodeSettings(
         url=oc.url,
         binary=find_tool("opencode", oc.binary) if oc.url is None else "opencode",
         username=oc.username,
@@ -49,7 +65,21 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         startup_timeout=oc.startup_timeout,
         request_timeout=oc.request_timeout,
         idle_dispose_seconds=oc.idle_dispose_seconds,
-        # ripgrep from PyPI lives next to the interpreter; OpenCode's glob/grep tools need it.
-        extra_path=[sysconfig.get_path("scripts")],
-    )
-    return OpenCodeEngine(settings)
+        extra_path=scripts,
+    ))
+
+
+def _claude(config: BridgeConfig, data_dir: Path, offline_model_url: str | None, scripts: list[str]) -> Engine:
+    from .cli.claudecode import ClaudeCodeEngine, ClaudeCodeSettings
+
+    cc = config.claudecode
+    env = dict(cc.env)
+    if offline_model_url:
+        from ..offline_model.configs import claude_env
+
+        env = {**claude_env(offline_model_url), **env}
+    return ClaudeCodeEngine(ClaudeCodeSettings(
+        binary=find_tool("claude", cc.binary), state_dir=data_dir / "claudecode", env=env, model=cc.model,
+        max_turns=cc.max_turns, allowed_tools=cc.allowed_tools, disallowed_tools=cc.disallowed_tools,
+        permission_mode=cc.permission_mode, extra_path=scripts,
+    ))

@@ -269,6 +269,8 @@ class ClaudeCodeEngine(CLIEngine):
         """The existing session if its conversation is stored, else a new uuid (created on first run)."""
         if existing_id and self.transcript(existing_id) is not None:
             return SessionHandle(existing_id, created=False)
+        if existing_id in self._titles:  # issued by an earlier open, not run yet: still fresh
+            return SessionHandle(existing_id, created=True)
         if existing_id:
             log.info("claude session %s not found: starting a new one", existing_id)
         session_id = str(uuid.uuid4())

@@ -1,0 +1,141 @@
+"""Workspace lifetimes: cleanup policies, scopes and the sweeper for abandoned workspaces.
+
+Policies: ``on_success`` deletes an agent-scoped workspace after a task that completed;
+``on_session_end`` deletes it when its session is closed; ``manual`` never deletes it. A
+``workflow``-scoped workspace outlives its tasks and sessions until the workflow closes it.
+Independently, the sweeper deletes workspaces nobody used for ``workspace_max_age``.
+
+Each workspace has a record in a key-value store (the state bucket for the sidecar, so several
+sidecars sharing a volume agree), keyed by its path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from client.protocol import CleanupPolicy, Scope
+
+from .stores import KeyValueStore, get_json
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "ocbridge.workspace."
+
+
+@dataclass
+class WorkspaceRecord:
+    path: str
+    policy: CleanupPolicy = "manual"
+    scope: Scope = "agent"
+    scope_id: str | None = None
+    last_used: float = field(default_factory=time.time)
+
+
+class WorkspaceJanitor:
+    """Applies cleanup policies and sweeps old workspaces. Never deletes outside ``root``."""
+
+    def __init__(self, store: KeyValueStore, root: Path, default_policy: CleanupPolicy = "manual") -> None:
+        self._store = store
+        self._root = root.resolve()
+        self.default_policy = default_policy
+        self._in_use: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    async def record(self, path: Path) -> WorkspaceRecord | None:
+        data = await get_json(self._store, _PREFIX + str(path))
+        return WorkspaceRecord(**data) if data else None
+
+    async def touch(
+        self,
+        path: Path,
+        *,
+        policy: CleanupPolicy | None = None,
+        scope: Scope | None = None,
+        scope_id: str | None = None,
+    ) -> WorkspaceRecord:
+        """Note that ``path`` is in use now; policy and scope stick once given."""
+        record = await self.record(path) or WorkspaceRecord(path=str(path), policy=self.default_policy)
+        record.policy = policy or record.policy
+        record.scope = scope or record.scope
+        record.scope_id = scope_id or record.scope_id
+        record.last_used = time.time()
+        await self._store.put(_PREFIX + str(path), json.dumps(asdict(record)).encode())
+        return record
+
+    @contextlib.contextmanager
+    def using(self, path: Path):
+        """Marks a workspace busy so the sweeper leaves it alone."""
+        key = str(path)
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_use[key] -= 1
+            if not self._in_use[key]:
+                del self._in_use[key]
+
+    # ----------------------------------------------------------------------------- the policies
+
+    async def after_task(self, path: Path, completed: bool) -> bool:
+        """``on_success``: delete an agent-scoped workspace after a completed task."""
+        record = await self.record(path)
+        if record and record.policy == "on_success" and record.scope == "agent" and completed:
+            return await self.delete(path)
+        return False
+
+    async def on_close(self, path: Path, success: bool = True) -> bool:
+        """Closing a session (or a workflow): ``on_session_end`` always deletes, ``on_success`` only
+        when the work succeeded, ``manual`` never."""
+        record = await self.record(path)
+        policy = record.policy if record else self.default_policy
+        if policy == "on_session_end" or (policy == "on_success" and success):
+            return await self.delete(path)
+        return False
+
+    async def delete(self, path: Path) -> bool:
+        """Delete a workspace folder and its record (refuses anything outside the root)."""
+        path = Path(path)
+        resolved = path.resolve()
+        if resolved == self._root or self._root not in resolved.parents:
+            log.error("refusing to delete %s: not under the workspace root", path)
+            return False
+        if str(path) in self._in_use:
+            return False
+        await asyncio.to_thread(shutil.rmtree, resolved, ignore_errors=True)
+        await self._store.delete(_PREFIX + str(path))
+        log.info("deleted workspace %s", path)
+        return True
+
+    async def sweep(self, max_age: float) -> list[str]:
+        """Delete workspaces unused for ``max_age`` seconds; returns their paths."""
+        removed = []
+        now = time.time()
+        for key in await self._store.keys():
+            if not key.startswith(_PREFIX):
+                continue
+            data = await get_json(self._store, key)
+            if not data or now - float(data.get("last_used", now)) < max_age:
+                continue
+            if data.get("scope") == "workflow" and data.get("policy") == "manual":
+                continue  # a manual workflow workspace is the operator's to remove
+            if await self.delete(Path(data["path"])):
+                removed.append(data["path"])
+        return removed
+
+    async def sweep_forever(self, max_age: float, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await self.sweep(max_age)
+                if removed:
+                    log.info("sweeper removed %d abandoned workspace(s)", len(removed))
+            except Exception as exc:  # a bad record must not stop the sweeper
+                log.warning("workspace sweep failed: %s", exc)

@@ -1,0 +1,118 @@
+"""The sidecar's pipeline without NATS: run tasks and operations in-process.
+
+Used by the client's ``opencode`` (HTTP), ``opencode-cli`` and ``claudecode`` backends. Sessions,
+workspace records and files live in folders under ``config.data_dir``; events go to a callback.
+The pipeline, the engines and the git layer are the sidecar's own, so results have the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
+
+from .config import BridgeConfig
+from .engines.base import Engine
+from .engines.factory import build_engine
+from .redact import Redactor, default_redactor
+from .runtime import Runtime, build_runtime
+from .stores import FolderArtifacts, FolderKeyValue
+
+EventCallback = Callable[[StreamEvent], Awaitable[None]]
+
+
+class LocalRunner:
+    """``async with LocalRunner(config) as runner: result = await runner.run(task)``."""
+
+    def __init__(self, config: BridgeConfig, *, engine: Engine | None = None, redactor: Redactor | None = None):
+        self.config = config
+        self.redactor = redactor or default_redactor
+        self.engine = engine
+        self._runtime: Runtime | None = None
+        self._offline_model = None
+        self._listeners: dict[str, EventCallback] = {}
+        self._cancels: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        config = self.config
+        data = config.data_dir.resolve()
+        offline_url = None
+        if config.offline_model:
+            from .offline_model.server import OfflineModelServer
+
+            self._offline_model = OfflineModelServer()
+            offline_url = await self._offline_model.start()
+        try:
+            if self.engine is None:
+                self.engine = build_engine(config, data_dir=data, offline_model_url=offline_url)
+            await self.engine.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._runtime = build_runtime(
+            config,
+            self.engine,
+            publish=self._publish,
+            sessions=FolderKeyValue(data / "sessions"),
+            state=FolderKeyValue(data / "state"),
+            artifacts=FolderArtifacts(data / "files"),
+            redactor=self.redactor,
+        )
+
+    async def aclose(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await self.engine.aclose()
+        if self._offline_model is not None:
+            with contextlib.suppress(Exception):
+                await self._offline_model.stop()
+            self._offline_model = None
+
+    async def __aenter__(self) -> LocalRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("LocalRunner is not started")
+        return self._runtime
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        listener = self._listeners.get(subject)
+        if listener is not None:
+            await listener(StreamEvent.from_wire(data))
+
+    async def run(self, task: Task, on_event: EventCallback | None = None) -> TaskResult:
+        """Run ``task`` to its result; ``on_event`` receives the live events."""
+        subject = task.callback.stream_subject
+        if on_event is not None:
+            self._listeners[subject] = on_event
+        cancel = self._cancels[task.task_id] = asyncio.Event()
+        try:
+            result = await self.runtime.pipeline.run(task, cancel)
+        finally:
+            self._listeners.pop(subject, None)
+            self._cancels.pop(task.task_id, None)
+        # The same redaction as on the wire, so in-process callers see what Station would.
+        return TaskResult.model_validate(self.redactor.data(result.to_dict()))
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop a running task (its result then has status ``cancelled``)."""
+        event = self._cancels.get(task_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    async def op(self, request: GitOpRequest) -> GitOpResult:
+        result = await self.runtime.ops.handle(request)
+        return GitOpResult.model_validate(self.redactor.data(result.to_dict()))
+
+    async def sessions(self) -> list[SessionState]:
+        return await self.runtime.sessions.all()

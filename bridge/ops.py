@@ -1,0 +1,163 @@
+"""Workspace operations outside any prompt: open and close a session's workspace, and git
+branch / commit / push / status / diff. Station's coding_* tools call these so that git work is
+deterministic (results from git itself), never an LLM prompt.
+
+The same :class:`OpsHandler` answers NATS requests in the sidecar and direct calls in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from client.protocol import GitOpRequest, GitOpResult, SessionGit, SessionState, iso_now
+
+from .cleanup import WorkspaceJanitor
+from .engines.base import Engine, EngineError
+from .gitops import GitError, run_op, status
+from .gitops.repo import remote_url
+from .redact import Redactor
+from .sessions import SessionStore
+from .workspace_flow import WorkspaceFailure, WorkspaceFlow
+
+log = logging.getLogger(__name__)
+
+
+class OpsHandler:
+    """Runs :class:`GitOpRequest` s; every failure becomes an ``ok: false`` result, never a raise."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        sessions: SessionStore,
+        flow: WorkspaceFlow,
+        janitor: WorkspaceJanitor,
+        redactor: Redactor,
+    ) -> None:
+        self._engine = engine
+        self._sessions = sessions
+        self._flow = flow
+        self._janitor = janitor
+        self._redactor = redactor
+
+    async def handle(self, request: GitOpRequest) -> GitOpResult:
+        try:
+            if request.op == "open":
+                return await self._open(request)
+            path, state = await self._locate(request)
+            async with self._sessions.lock(state.session_name if state else str(path)):
+                if request.op == "close":
+                    return await self._close(request, path, state)
+                return await self._git(request, path, state)
+        except (WorkspaceFailure, EngineError, GitError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            return self._failed(request, message, exc.error_type)
+        except Exception as exc:
+            log.exception("operation %s failed", request.op)
+            return self._failed(request, f"internal error: {exc}", "internal_error")
+
+    def _failed(self, request: GitOpRequest, message: str, error_type: str) -> GitOpResult:
+        return GitOpResult(
+            ok=False, op=request.op, session=request.session, error=self._redactor.text(message), errorType=error_type
+        )
+
+    async def _locate(self, request: GitOpRequest) -> tuple[Path, SessionState | None]:
+        """The workspace an operation acts on: its session's, or a named workspace."""
+        if request.session:
+            state = await self._sessions.get(request.session)
+            if state is None:
+                raise WorkspaceFailure(f"no session named {request.session!r}", "invalid_task")
+            return Path(state.workspace_path), state
+        if request.workspace:
+            path = self._flow.path_of(request.workspace)
+            if not path.is_dir():
+                raise WorkspaceFailure(f"no workspace named {request.workspace!r}", "invalid_task")
+            return path, None
+        raise WorkspaceFailure(f"{request.op}: 'session' or 'workspace' is required", "invalid_task")
+
+    async def _open(self, request: GitOpRequest) -> GitOpResult:
+        name = request.session
+        if not name:
+            raise WorkspaceFailure("open: 'session' is required", "invalid_task")
+        async with self._sessions.lock(name):
+            workspace = self._flow.open(request.workspace or name)
+            await self._janitor.touch(
+                workspace.path, policy=request.cleanup, scope=request.scope, scope_id=request.scope_id
+            )
+            repo = None
+            if request.git is not None:
+                with self._janitor.using(workspace.path):
+                    repo = await self._flow.clone_or_pull(workspace, request.git, None)
+            previous = await self._sessions.get(name)
+            existing = None
+            if previous is not None and Path(previous.workspace_path) == workspace.path:
+                existing = previous.opencode_id or None
+            handle = await self._engine.open_session(workspace.path, request.title or name, existing)
+            await self._engine.release(workspace.path)
+            reused = previous is not None and not handle.created
+            state = SessionState(
+                sessionName=name,
+                opencodeID=handle.id,
+                workspaceName=request.workspace or name,
+                workspacePath=str(workspace.path),
+                created=previous.created if reused and previous else iso_now(),
+                lastUsed=iso_now(),
+                messageCount=previous.message_count if reused and previous else 0,
+                git=SessionGit(url=repo.url, branch=repo.branch, lastCommit=repo.commit) if repo else (
+                    previous.git if reused and previous else None),
+                engine=self._engine.name,
+                title=request.title,
+            )
+            await self._sessions.put(state)
+            return GitOpResult(
+                ok=True,
+                op="open",
+                session=name,
+                opencodeID=handle.id or None,
+                workspacePath=str(workspace.path),
+                repoCloned=repo is not None and repo.action == "cloned",
+                managed=True,
+                branch=repo.branch if repo else None,
+                commit=repo.commit if repo else None,
+            )
+
+    async def _close(self, request: GitOpRequest, path: Path, state: SessionState | None) -> GitOpResult:
+        changes = None
+        if (path / ".git").exists():
+            report = await status(path, settings=self._flow.git, redactor=self._redactor)
+            changes = report.changes
+        record = await self._janitor.record(path)
+        closes_workflow = request.scope == "workflow"
+        cleaned = False
+        if record is None or record.scope != "workflow" or closes_workflow:
+            cleaned = await self._janitor.on_close(path, success=request.success is not False)
+        if state is not None:
+            await self._sessions.delete(state.session_name)
+        return GitOpResult(ok=True, op="close", session=request.session, changes=changes, cleanedUp=cleaned,
+                           workspacePath=str(path))
+
+    async def _git(self, request: GitOpRequest, path: Path, state: SessionState | None) -> GitOpResult:
+        token = None
+        if request.op == "push":
+            url = await remote_url(path, request.remote or "origin", push=True, settings=self._flow.git)
+            secret = request.token.get_secret_value() if request.token else None
+            async with self._flow.token(url or "", secret, request.token_from_kv) as token:
+                result = await run_op(path, request, settings=self._flow.git, token=token,
+                                      author=self._author(), redactor=self._redactor)
+        else:
+            result = await run_op(path, request, settings=self._flow.git, author=self._author(),
+                                  redactor=self._redactor)
+        result.session = request.session
+        if state is not None and result.ok and request.op in ("branch", "commit"):
+            state.last_used = iso_now()
+            state.git = SessionGit(
+                url=state.git.url if state.git else None,
+                branch=result.branch or (state.git.branch if state.git else None),
+                lastCommit=result.commit_hash or result.commit or (state.git.last_commit if state.git else None),
+            )
+            await self._sessions.put(state)
+        return result
+
+    def _author(self) -> tuple[str, str]:
+        return (self._flow.git.user_name, self._flow.git.user_email)

@@ -1,0 +1,50 @@
+"""Assemble the task pipeline and the operations handler from stores and an engine.
+
+The sidecar passes NATS stores and a NATS publisher; the in-process runner passes folders and a
+callback. Everything else is the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cleanup import WorkspaceJanitor
+from .config import BridgeConfig
+from .emitter import Publish
+from .engines.base import Engine
+from .ops import OpsHandler
+from .pipeline import TaskPipeline
+from .redact import Redactor
+from .sessions import SessionStore
+from .stores import ArtifactStore, KeyValueStore
+from .workspace_flow import WorkspaceFlow
+
+
+@dataclass
+class Runtime:
+    pipeline: TaskPipeline
+    ops: OpsHandler
+    sessions: SessionStore
+    janitor: WorkspaceJanitor
+
+
+def build_runtime(
+    config: BridgeConfig,
+    engine: Engine,
+    *,
+    publish: Publish,
+    sessions: KeyValueStore,
+    state: KeyValueStore,
+    artifacts: ArtifactStore,
+    redactor: Redactor,
+) -> Runtime:
+    root = config.workspace_root.resolve()
+    session_store = SessionStore(sessions, redactor)
+    flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor)
+    janitor = WorkspaceJanitor(state, root, config.cleanup_policy)
+    pipeline = TaskPipeline(
+        publish=publish, engine=engine, sessions=session_store, flow=flow, janitor=janitor,
+        config=config, redactor=redactor,
+    )
+    ops = OpsHandler(engine=engine, sessions=session_store, flow=flow, janitor=janitor, redactor=redactor)
+    return Runtime(pipeline=pipeline, ops=ops, sessions=session_store, janitor=janitor)

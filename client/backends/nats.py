@@ -1,0 +1,161 @@
+"""``opencode-nats``: coding work goes over NATS to the sidecars (Station's default transport).
+
+Prompt tasks travel exactly as Station publishes them (:class:`~client.client.CodingClient`);
+workspace operations (open, close, branch, commit, push...) are core-NATS requests on
+``<task subject>.ops`` answered by any sidecar of the queue group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from ..client import CodingClient
+from ..connection import NatsOptions
+from ..naming import Naming
+from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskCallback, TaskResult, TaskStatus
+from .base import CodingBackend, EventCallback
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    """The backend could not be reached or did not answer (not a failure of the work itself)."""
+
+
+class NatsBackend(CodingBackend):
+    """Talks to sidecars through NATS.
+
+    ``op_timeout`` bounds a quick operation; ``open`` may clone and ``push`` may upload for minutes,
+    so they get ``clone_timeout`` / ``push_timeout`` on top. A task's result is awaited for its own
+    timeout plus ``result_grace`` (the sidecar reports its timeout itself, as a ``timeout`` result).
+    When no sidecar listens on the ops subject yet, a request is retried ``max_attempts`` times.
+    """
+
+    name = "opencode-nats"
+
+    def __init__(
+        self,
+        options: NatsOptions,
+        naming: Naming | None = None,
+        *,
+        op_timeout: float = 60.0,
+        clone_timeout: float = 600.0,
+        push_timeout: float = 300.0,
+        result_grace: float = 60.0,
+        default_task_timeout: float = 600.0,
+        max_attempts: int = 3,
+        client: CodingClient | None = None,
+    ) -> None:
+        self.options = options
+        self.naming = naming or Naming()
+        self.op_timeout = op_timeout
+        self.clone_timeout = clone_timeout
+        self.push_timeout = push_timeout
+        self.result_grace = result_grace
+        self.default_task_timeout = default_task_timeout
+        self.max_attempts = max_attempts
+        self._client = client
+
+    @property
+    def client(self) -> CodingClient:
+        if self._client is None:
+            raise BackendError("the opencode-nats backend is not started")
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is None:
+            try:
+                self._client = await CodingClient.connect(self.options, naming=self.naming)
+            except Exception as exc:
+                raise BackendError(f"cannot connect to NATS at {self.options.url}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+
+    # ------------------------------------------------------------------------------------ tasks
+
+    async def run(self, task: Task, on_event: EventCallback | None = None) -> TaskResult:
+        """Publish ``task`` and follow it to its result; on a missing result the task is cancelled."""
+        client = self.client
+        # The subjects belong to this backend's naming, whoever built the task.
+        task = task.model_copy(update={"callback": TaskCallback(
+            streamSubject=self.naming.stream_subject(task.task_id),
+            resultSubject=self.naming.result_subject(task.task_id),
+        )})
+        timeout = (task.timeout / 1000 if task.timeout else self.default_task_timeout) + self.result_grace
+        handle = await client.submit(task)
+        try:
+            async for event in handle.events(timeout=timeout):
+                if on_event is not None:
+                    await on_event(event)
+            return await handle.result(timeout=5)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await handle.cancel("no result in time")
+            return TaskResult(
+                taskID=task.task_id, status=TaskStatus.TIMEOUT,
+                error=f"no result from any sidecar within {timeout:.0f}s", errorType="timeout",
+            )
+        except asyncio.CancelledError:
+            # Whoever called us gave up (e.g. the MCP client cancelled the tool call): stop the work.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(handle.cancel("caller cancelled"))
+            raise
+        finally:
+            await handle.close()
+
+    # ------------------------------------------------------------------------------- operations
+
+    def op_timeout_for(self, request: GitOpRequest) -> float:
+        """Seconds to wait for the reply to ``request``."""
+        if request.op == "open" and request.git is not None:
+            return self.op_timeout + self.clone_timeout
+        if request.op == "push":
+            return self.op_timeout + self.push_timeout
+        return self.op_timeout
+
+    async def op(self, request: GitOpRequest) -> GitOpResult:
+        """Send an operation to a sidecar and return its reply.
+
+        Raises :class:`BackendError` when no sidecar answers: the operation may or may not have run,
+        which is different from a failure the sidecar reports (``ok: false``)."""
+        nc = self.client.nc
+        subject = self.naming.ops_subject
+        timeout = self.op_timeout_for(request)
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                reply = await nc.request(subject, request.to_wire(), timeout=timeout)
+                return GitOpResult.from_wire(reply.data)
+            except NoRespondersError:
+                # Nobody listens yet (sidecar starting or restarting): nothing ran, safe to retry.
+                if attempt == self.max_attempts:
+                    raise BackendError(
+                        f"{request.op}: no sidecar answers on {subject} (is 'ocbridge serve' running "
+                        "with the same task subject?)"
+                    ) from None
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+            except NatsTimeoutError:
+                # Not retried: the sidecar may still be doing it (a slow clone or push).
+                raise BackendError(f"{request.op}: no reply from the sidecar within {timeout:.0f}s") from None
+            except ValueError as exc:
+                raise BackendError(f"{request.op}: unreadable reply from the sidecar: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def sessions(self) -> list[SessionState]:
+        """Sessions in the sessions bucket, most recently used first (none when it does not exist)."""
+        try:
+            return await self.client.list_sessions()
+        except BackendError:
+            raise
+        except Exception as exc:
+            # No bucket yet means no sidecar ever ran: no sessions.
+            log.debug("listing sessions failed: %s", exc)
+            return []
