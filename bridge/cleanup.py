@@ -60,13 +60,14 @@ class WorkspaceJanitor:
         policy: CleanupPolicy | None = None,
         scope: Scope | None = None,
         scope_id: str | None = None,
+        at: float | None = None,
     ) -> WorkspaceRecord:
-        """Note that ``path`` is in use now; policy and scope stick once given."""
+        """Note that ``path`` is in use now (or ``at``, a Unix time); policy and scope stick once given."""
         record = await self.record(path) or WorkspaceRecord(path=str(path), policy=self.default_policy)
         record.policy = policy or record.policy
         record.scope = scope or record.scope
         record.scope_id = scope_id or record.scope_id
-        record.last_used = time.time()
+        record.last_used = time.time() if at is None else at
         await self._store.put(_PREFIX + str(path), json.dumps(asdict(record)).encode())
         return record
 

@@ -19,7 +19,7 @@ from .engines.base import Engine
 from .engines.factory import build_engine
 from .natsd import EmbeddedNats
 from .redact import Redactor, default_redactor
-from .runtime import build_runtime
+from .runtime import Runtime, build_runtime
 from .stores import NatsArtifacts, NatsKeyValue
 from .streams import ensure_buckets, ensure_consumer, ensure_dead_letter_stream, ensure_task_stream
 from .worker import Worker
@@ -43,6 +43,7 @@ class Sidecar:
         self._nc: NATS | None = None
         self.worker: Worker | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.runtime: Runtime | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -81,7 +82,7 @@ class Sidecar:
             await ensure_dead_letter_stream(js, naming)
             await ensure_consumer(js, stream, naming, settings)
             buckets = await ensure_buckets(js, naming, settings)
-            runtime = build_runtime(
+            runtime = self.runtime = build_runtime(
                 config,
                 self.engine,
                 publish=self._nc.publish,

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true")
 
     sub.add_parser("schema", help="print the JSON Schemas of the protocol messages")
+
+    mcp = sub.add_parser("mcp", help="serve Station's coding tools over MCP (stdio)")
+    mcp.add_argument("--config", help="Station config.yaml (or just its coding: block); env STN_CONFIG")
     return parser
 
 
@@ -235,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "schema":
         return _schema()
+    if args.command == "mcp":
+        from .mcp_server import main as mcp_main
+
+        return mcp_main(args)
     handlers = {"run": _run, "submit": _run, "watch": _watch, "cancel": _cancel, "sessions": _sessions}
     try:
         return asyncio.run(handlers[args.command](args))

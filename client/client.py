@@ -15,6 +15,8 @@ from .kv import get_json, kv_key, list_keys
 from .naming import Naming
 from .protocol import (
     CancelRequest,
+    GitOpRequest,
+    GitOpResult,
     GitSpec,
     ModelRef,
     SessionSpec,
@@ -153,6 +155,37 @@ class CodingClient:
     async def task_record(self, task_id: str) -> TaskRecord | None:
         data = await get_json(await self.tasks_bucket(), record_key(task_id))
         return TaskRecord.model_validate(data) if data else None
+
+    # ------------------------------------------------------------------------------- operations
+
+    async def op(self, request: GitOpRequest | dict[str, Any], *, timeout: float = 660.0) -> GitOpResult:
+        """Run a workspace operation on a sidecar (open, close, branch, commit, push, status, diff).
+
+        The default timeout covers a clone or push with the sidecar's default git timeouts.
+        """
+        if isinstance(request, dict):
+            request = GitOpRequest.model_validate(request)
+        reply = await self.nc.request(self.naming.ops_subject, request.to_wire(), timeout=timeout)
+        return GitOpResult.from_wire(reply.data)
+
+    # ------------------------------------------------------------------------------------ files
+
+    async def stage_file(self, task_id: str, name: str, data: bytes) -> str:
+        """Stage an input file for a task (list ``name`` in the task's ``files``); returns its object name."""
+        object_name = f"input/{task_id}/{name}"
+        store = await self._js.object_store(self.naming.object_store)
+        await store.put(object_name, data)
+        return object_name
+
+    async def artifact(self, name: str) -> bytes | None:
+        """Read an object (e.g. a result's ``patch``, ``output/<taskID>/changes.patch``)."""
+        store = await self._js.object_store(self.naming.object_store)
+        try:
+            return (await store.get(name)).data
+        except Exception as exc:
+            if exc.__class__.__name__ in ("ObjectNotFoundError", "NotFoundError"):
+                return None
+            raise
 
     # --------------------------------------------------------------------------------- sessions
 

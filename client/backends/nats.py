@@ -127,13 +127,11 @@ class NatsBackend(CodingBackend):
 
         Raises :class:`BackendError` when no sidecar answers: the operation may or may not have run,
         which is different from a failure the sidecar reports (``ok: false``)."""
-        nc = self.client.nc
         subject = self.naming.ops_subject
         timeout = self.op_timeout_for(request)
         for attempt in range(1, self.max_attempts + 1):
             try:
-                reply = await nc.request(subject, request.to_wire(), timeout=timeout)
-                return GitOpResult.from_wire(reply.data)
+                return await self.client.op(request, timeout=timeout)
             except NoRespondersError:
                 # Nobody listens yet (sidecar starting or restarting): nothing ran, safe to retry.
                 if attempt == self.max_attempts:

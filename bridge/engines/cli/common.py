@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
+from bridge.procutil import INHERITED_ENV, inherited_environment
 
 from .process import CLIProcess, run_capture
 
@@ -27,12 +28,8 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
-#: Variables passed through from the bridge's environment; everything else is left out so that no
-#: credential or config of the host reaches the agent unless the settings put it there.
-DEFAULT_INHERITED_ENV: tuple[str, ...] = (
-    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
-    "NODE_EXTRA_CA_CERTS", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-)  # fmt: skip
+#: Variables passed through from the bridge's environment (see :data:`bridge.procutil.INHERITED_ENV`).
+DEFAULT_INHERITED_ENV = INHERITED_ENV
 
 
 @dataclass(slots=True)
@@ -235,7 +232,7 @@ class CLIEngine(Engine):
 
     def base_environment(self) -> dict[str, str]:
         """Inherited variables (see ``inherit_env``) with ``extra_path`` prepended to PATH."""
-        env = {name: os.environ[name] for name in self.settings.inherit_env if name in os.environ}
+        env = inherited_environment(self.settings.inherit_env)
         path = [*self.settings.extra_path, env.get("PATH") or "/usr/local/bin:/usr/bin:/bin"]
         env["PATH"] = os.pathsep.join(p for p in path if p)
         env.setdefault("LANG", "C.UTF-8")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from bridge.engines.base import EngineError
-from bridge.procutil import die_with_parent
+from bridge.procutil import PROVIDER_ENV, die_with_parent, inherited_environment
 
 from .api import OpenCodeAPI
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings
@@ -151,7 +151,9 @@ class OpenCodeProcess:
     def _environment(self) -> dict[str, str]:
         s, root = self.settings, self.state_dir
         assert root is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCODE_", "XDG_"))}
+        # Allow-listed only: the server's tools (bash) see this environment, so git tokens, NATS
+        # credentials and the bridge's settings stay out. Provider keys pass: OpenCode needs them.
+        env = inherited_environment(pattern=PROVIDER_ENV)
         path = [*s.extra_path, env.get("PATH", "/usr/bin:/bin")]
         env.update(
             HOME=str(root / "home"),

@@ -1,0 +1,143 @@
+"""In-process backends: ``opencode`` (HTTP to ``opencode serve``), ``opencode-cli`` and ``claudecode``.
+
+They run the sidecar's own task pipeline and workspace operations in this process through
+``bridge.local.LocalRunner`` (imported lazily: it needs the ``opencode-bridge[bridge]`` extras), so a
+task's result and an operation's reply have exactly the shape the sidecar would publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
+from ..station_config import StationCodingConfig, StationConfigError
+from .base import CodingBackend, EventCallback
+from .nats import BackendError
+
+if TYPE_CHECKING:
+    from bridge.local import LocalRunner
+
+#: Backends that run in-process, and the engine each one uses.
+LOCAL_ENGINES = ("opencode", "opencode-cli", "claudecode")
+
+
+def _prune(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` values and empty sections, so that the sidecar's defaults apply to them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            value = _prune(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def local_bridge_config(station: StationCodingConfig, backend: str) -> dict[str, Any]:
+    """Station's ``coding:`` settings as overrides for ``bridge.config.load_config`` (a plain dict, so
+    a renamed sidecar key breaks only here). ``coding.bridge.sidecar`` is merged last and wins."""
+    if backend not in LOCAL_ENGINES:
+        raise StationConfigError(f"coding.backend: {backend!r} does not run in-process")
+    cc = station.claudecode
+    token = station.git.token.get_secret_value() if station.git.token is not None else None
+    data: dict[str, Any] = {
+        "engine": backend,
+        "workspace_root": station.workspace_base_path,
+        "data_dir": station.bridge.data_dir,
+        "offline_model": station.bridge.offline_model or None,
+        "default_task_timeout": station.task_timeout_sec(),
+        "cleanup_policy": station.cleanup_policy,
+        "jetstream": {"max_attempts": station.max_attempts},
+        "opencode": {"url": station.opencode.url, "model": station.opencode.model},
+        "opencode_cli": {"binary": station.cli.binary_path},
+        "claudecode": {
+            "binary": cc.binary_path,
+            "model": cc.model,
+            "max_turns": cc.max_turns,
+            "allowed_tools": cc.allowed_tools or None,
+            "disallowed_tools": cc.disallowed_tools or None,
+        },
+        "git": {
+            "token_env": station.git.token_env,
+            "token": token,
+            "user_name": station.git.user_name,
+            "user_email": station.git.user_email,
+            "clone_timeout": station.clone_timeout_sec,
+            "push_timeout": station.push_timeout_sec,
+        },
+    }
+    data = _prune(data)
+    data = _deep_merge(data, {"git": station.bridge.git} if station.bridge.git else {})
+    return _deep_merge(data, station.bridge.sidecar)
+
+
+class LocalBackend(CodingBackend):
+    """Runs the pipeline in this process with one of the local engines."""
+
+    def __init__(self, engine: str, overrides: Mapping[str, Any] | None = None) -> None:
+        if engine not in LOCAL_ENGINES:
+            raise ValueError(f"unknown local engine {engine!r}; choose from {LOCAL_ENGINES}")
+        self.name = engine
+        self.overrides = dict(overrides or {})
+        self._runner: LocalRunner | None = None
+
+    @classmethod
+    def from_station(cls, station: StationCodingConfig) -> LocalBackend:
+        return cls(station.backend, local_bridge_config(station, station.backend))
+
+    @property
+    def runner(self) -> LocalRunner:
+        if self._runner is None:
+            raise BackendError(f"the {self.name} backend is not started")
+        return self._runner
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        try:
+            from bridge.config import ConfigError, load_config
+            from bridge.local import LocalRunner
+        except ImportError as exc:
+            raise BackendError(
+                f"the {self.name} backend runs in-process and needs the sidecar extras: "
+                f"pip install 'opencode-bridge[bridge]' ({exc})"
+            ) from None
+        try:
+            config = load_config(overrides={**self.overrides, "engine": self.name}, environ={})
+        except ConfigError as exc:
+            raise StationConfigError(f"coding (backend {self.name}): {exc}") from None
+        runner = LocalRunner(config)
+        try:
+            await runner.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await runner.aclose()
+            raise
+        self._runner = runner
+
+    async def aclose(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.aclose()
+
+    async def run(self, task: Task, on_event: EventCallback | None = None) -> TaskResult:
+        return await self.runner.run(task, on_event)
+
+    async def op(self, request: GitOpRequest) -> GitOpResult:
+        return await self.runner.op(request)
+
+    async def sessions(self) -> list[SessionState]:
+        return await self.runner.sessions()
