@@ -64,13 +64,13 @@ async def wait_gone(text: str, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def wait_for_process(text: str, timeout: float = 20.0) -> list[int]:
+async def wait_for_process(text: str, timeout: float = 20.0, count: int = 1) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if found := processes_with(text):
+        if len(found := processes_with(text)) >= count:
             return found
         await asyncio.sleep(0.05)
-    raise AssertionError(f"no process with {text!r} appeared within {timeout}s")
+    raise AssertionError(f"fewer than {count} process(es) with {text!r} appeared within {timeout}s")
 
 
 class Recorder:
@@ -112,8 +112,7 @@ async def test_kill_tree_reaches_grandchildren_in_their_own_session(tmp_path: Pa
     script = f"setsid sh -c 'trap \"\" TERM; sleep {mark}' & sleep {mark}1; wait"
     async with CLIProcess(["sh", "-c", script], cwd=tmp_path, env=SH_ENV, kill_grace=0.5) as proc:
         await wait_for_process(mark + "1")
-        pids = await wait_for_process(f"sleep {mark}")
-        assert len(pids) >= 2
+        pids = await wait_for_process(f"sleep {mark}", count=2)
         assert proc.pid is not None and set(pids) <= set(collect_tree(proc.pid, proc.marker))
         started = time.monotonic()
         await proc.kill_tree()
