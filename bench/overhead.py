@@ -33,6 +33,7 @@ from bridge.natsd import EmbeddedNats  # noqa: E402
 from bridge.offline_model.configs import opencode_provider_config  # noqa: E402
 from bridge.offline_model.server import OfflineModelServer  # noqa: E402
 from client.client import CodingClient  # noqa: E402
+from client.naming import Naming  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -76,7 +77,7 @@ class Direct:
     def __init__(self, url: str, password: str, directory: Path) -> None:
         self.url, self.directory = url, str(directory)
         self.http = aiohttp.ClientSession(
-            headers={"Authorization": aiohttp.helpers.BasicAuth("opencode", password).encode()},
+            headers={"Authorization": aiohttp.encode_basic_auth("opencode", password)},
             timeout=aiohttp.ClientTimeout(total=120),
         )
 
@@ -121,63 +122,106 @@ def report(rows: list[tuple[str, list[float], list[float]]]) -> None:
               f"{b95 * 1000:9.0f}ms {b95 / d95:6.2f}")
 
 
+class Stack:
+    """NATS, one OpenCode and one ``ocbridge serve`` subprocess connected to it."""
+
+    def __init__(self, tmp: Path, nats: EmbeddedNats, model_url: str, dispose_after: float) -> None:
+        self.tmp, self.nats, self.model_url, self.dispose_after = tmp, nats, model_url, dispose_after
+        self.root = tmp / "workspaces"
+
+    async def __aenter__(self) -> Stack:
+        self.opencode = OpenCodeProcess(OpenCodeSettings(
+            binary=find_tool("opencode"), state_dir=self.tmp / "opencode",
+            config=opencode_provider_config(self.model_url), extra_path=[str(Path(sys.executable).parent)],
+        ))
+        self.url = await self.opencode.start()
+        (self.root / "bench").mkdir(parents=True)
+        config = self.tmp / "sidecar.yaml"
+        config.write_text(yaml.safe_dump({
+            "nats": {"url": self.nats.url}, "workspace_root": str(self.root), "data_dir": str(self.tmp / "sidecar"),
+            "concurrency": 4, "log_level": "INFO",
+            "naming": {"task_subject": f"bench.{self.tmp.name}.task", "stream_name": f"B_{self.tmp.name}",
+                       "consumer_name": f"b-{self.tmp.name}", "sessions_bucket": f"s-{self.tmp.name}",
+                       "tasks_bucket": f"t-{self.tmp.name}", "state_bucket": f"st-{self.tmp.name}"},
+            "opencode": {"url": self.url, "password": self.opencode.password,
+                         "idle_dispose_seconds": self.dispose_after},
+        }))
+        self.log = self.tmp / "sidecar.log"
+        self.sidecar = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "ocbridge"), "serve", "--config", str(config), stderr=self.log.open("wb"),
+        )
+        naming = Naming(task_subject=f"bench.{self.tmp.name}.task", tasks_bucket=f"t-{self.tmp.name}",
+                        sessions_bucket=f"s-{self.tmp.name}", state_bucket=f"st-{self.tmp.name}")
+        try:
+            self.client = await CodingClient.connect(self.nats.url, naming=naming, retry_for=30)
+            await via_bridge(self.client, "create warm.txt with content w", "bench")  # waits for the sidecar
+        except BaseException:
+            self.sidecar.terminate()
+            await self.sidecar.wait()
+            await self.opencode.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+        self.sidecar.terminate()
+        await self.sidecar.wait()
+        await self.opencode.stop()
+
+
+async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int) -> None:
+    async with Stack(tmp, nats, model_url, 300) as stack:
+        direct = Direct(stack.url, stack.opencode.password, stack.root / "bench")
+        try:
+            for _ in range(3):  # warm both paths: directory instance, NATS subjects, sidecar start-up
+                await direct.run("create warm.txt with content w")
+                await via_bridge(stack.client, "create warm.txt with content w", "bench")
+            rows = []
+            for label, conc in (("sequential", 1), ("concurrency 4", 4)):
+                d = await measure(label, direct.run, tasks, conc)
+                b = await measure(label, lambda p: via_bridge(stack.client, p, "bench"), tasks, conc)
+                rows.append((label, d, b))
+            print(f"OpenCode {stack.opencode.version}, offline model, {tasks} one-tool prompts per mode, "
+                  "same workspace, new session each")
+            report(rows)
+        finally:
+            await direct.http.close()
+
+
+async def memory(tmp: Path, nats: EmbeddedNats, model_url: str, workspaces: int, dispose_after: float | None):
+    """RSS of the sidecar and of OpenCode every 10 new workspaces, then after the idle dispose."""
+    samples = []
+    async with Stack(tmp, nats, model_url, dispose_after or 10**9) as stack:
+        samples.append((0, rss_mib(stack.sidecar.pid), rss_mib(stack.opencode.pid)))
+        for i in range(workspaces):
+            await via_bridge(stack.client, "create a.txt with content x", f"ws-{i:03}")
+            if (i + 1) % 10 == 0:
+                samples.append((i + 1, rss_mib(stack.sidecar.pid), rss_mib(stack.opencode.pid)))
+        if dispose_after:
+            await asyncio.sleep(dispose_after + 5)
+            samples.append(("idle", rss_mib(stack.sidecar.pid), rss_mib(stack.opencode.pid)))
+        disposed = stack.log.read_text(errors="replace").count("disposed after")
+    return samples, disposed
+
+
 async def main(tasks: int, workspaces: int, dispose_after: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ocbridge-bench-"))
     nats = EmbeddedNats(tmp / "nats")
     model = OfflineModelServer()
     await nats.start()
     model_url = await model.start()
-    opencode = OpenCodeProcess(OpenCodeSettings(
-        binary=find_tool("opencode"), state_dir=tmp / "opencode", config=opencode_provider_config(model_url),
-        extra_path=[str(Path(sys.executable).parent)],
-    ))
-    url = await opencode.start()
-    root = tmp / "workspaces"
-    (root / "bench").mkdir(parents=True)
-    config = tmp / "sidecar.yaml"
-    config.write_text(yaml.safe_dump({
-        "nats": {"url": nats.url}, "workspace_root": str(root), "data_dir": str(tmp / "sidecar"),
-        "concurrency": 4, "log_level": "WARNING",
-        "opencode": {"url": url, "password": opencode.password, "idle_dispose_seconds": dispose_after},
-    }))
-    sidecar = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "ocbridge"), "serve", "--config", str(config),
-        stderr=(tmp / "sidecar.log").open("wb"),
-    )
-    client = await CodingClient.connect(nats.url, retry_for=30)
-    direct = Direct(url, opencode.password, root / "bench")
     try:
-        for _ in range(3):  # warm both paths: directory instance, NATS subjects, sidecar start-up
-            await direct.run("create warm.txt with content w")
-            await via_bridge(client, "create warm.txt with content w", "bench")
-        rows = []
-        for label, conc in (("sequential", 1), ("concurrency 4", 4)):
-            d = await measure(label, direct.run, tasks, conc)
-            b = await measure(label, lambda p: via_bridge(client, p, "bench"), tasks, conc)
-            rows.append((label, d, b))
-        print(f"OpenCode {opencode.version}, offline model, {tasks} one-tool prompts per mode, same workspace")
-        report(rows)
-
-        print(f"\nmemory (RSS, MiB), tasks in {workspaces} distinct workspaces through the bridge:")
-        before = (rss_mib(sidecar.pid), rss_mib(opencode.pid))
-        started = time.perf_counter()
-        for i in range(workspaces):
-            await via_bridge(client, "create a.txt with content x", f"ws-{i:03}")
-        elapsed = time.perf_counter() - started
-        after = (rss_mib(sidecar.pid), rss_mib(opencode.pid))
-        await asyncio.sleep(dispose_after + 12)
-        disposed = (rss_mib(sidecar.pid), rss_mib(opencode.pid))
-        print(f"{'':28} {'sidecar':>8} {'opencode':>9}")
-        print(f"{'before':28} {before[0]:8.0f} {before[1]:9.0f}")
-        print(f"{'after ' + str(workspaces) + ' workspaces':28} {after[0]:8.0f} {after[1]:9.0f}   "
-              f"({elapsed / workspaces * 1000:.0f} ms per task incl. first use of a directory)")
-        print(f"{f'after idle dispose ({dispose_after:.0f}s)':28} {disposed[0]:8.0f} {disposed[1]:9.0f}")
+        await latency(tmp / "latency", nats, model_url, tasks)
+        kept, _ = await memory(tmp / "kept", nats, model_url, workspaces, None)
+        freed, disposed = await memory(tmp / "freed", nats, model_url, workspaces, dispose_after)
+        print(f"\nmemory (RSS, MiB) while tasks run in {workspaces} distinct workspaces, one after another:")
+        freed_label = f"opencode, dispose {dispose_after:.0f}s"
+        print(f"{'workspaces':>10} {'sidecar':>8} {'opencode, no dispose':>21} {freed_label:>22} {'ratio':>6}")
+        for (n, sidecar_rss, kept_rss), (_, _, freed_rss) in zip(kept, freed, strict=False):
+            print(f"{n!s:>10} {sidecar_rss:8.0f} {kept_rss:21.0f} {freed_rss:22.0f} {freed_rss / kept_rss:6.2f}")
+        print(f"{'idle':>10} {freed[-1][1]:8.0f} {'':>21} {freed[-1][2]:22.0f}")
+        print(f"directory instances disposed by the sidecar: {disposed}")
     finally:
-        await direct.http.close()
-        await client.close()
-        sidecar.terminate()
-        await sidecar.wait()
-        await opencode.stop()
         await model.stop()
         await nats.stop()
 
@@ -186,6 +230,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--workspaces", type=int, default=50)
-    parser.add_argument("--dispose-after", type=float, default=10.0, help="idle_dispose_seconds for the sidecar")
+    parser.add_argument("--dispose-after", type=float, default=3.0, help="idle_dispose_seconds for the sidecar")
     args = parser.parse_args()
     asyncio.run(main(args.tasks, args.workspaces, args.dispose_after))

@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from client.naming import Naming
+from client.streams import ensure_task_stream as _ensure_task_stream
 
 from .config import JetStreamSettings
 
@@ -32,32 +33,10 @@ class Buckets:
 
 
 async def ensure_task_stream(js: JetStreamContext, naming: Naming, settings: JetStreamSettings) -> str:
-    """Return the name of the stream holding the task subject, creating it when needed."""
-    try:
-        # Someone (another deployment, an operator) may already keep these tasks in a stream.
-        existing = await js.find_stream_name_by_subject(naming.task_subject)
-    except NotFoundError:
-        existing = None
-    if existing:
-        return existing
-    config = api.StreamConfig(
-        name=naming.stream_name,
-        subjects=[naming.task_subject],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        storage=api.StorageType.FILE,
-        max_age=settings.max_age,
-        num_replicas=settings.replicas,
-        duplicate_window=120,
-    )
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        # Lost a start-up race with another sidecar, or the stream exists with other subjects.
-        info = await js.stream_info(naming.stream_name)
-        if naming.task_subject not in (info.config.subjects or []):
-            raise
-    log.info("task stream %s over %s ready", naming.stream_name, naming.task_subject)
-    return naming.stream_name
+    """The stream holding the task subject (see :mod:`client.streams`), with the sidecar's settings."""
+    stream = await _ensure_task_stream(js, naming, max_age=settings.max_age, replicas=settings.replicas)
+    log.info("task stream %s over %s ready", stream, naming.task_subject)
+    return stream
 
 
 async def ensure_dead_letter_stream(js: JetStreamContext, naming: Naming) -> None:

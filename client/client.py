@@ -29,6 +29,7 @@ from .protocol import (
     cancel_key,
     record_key,
 )
+from .streams import ensure_task_stream
 
 
 class CodingClient:
@@ -111,17 +112,22 @@ class CodingClient:
         await handle._subscribe()
         await self.nc.flush()
         try:
-            # A JetStream publish confirms the task is stored; message id de-duplicates retries.
-            await self._js.publish(
-                self.naming.task_subject, task.to_wire(), headers={"Nats-Msg-Id": task.task_id}, timeout=5
-            )
-        except NoStreamResponseError:
-            # No stream yet (no sidecar ever started): publish like Station does.
-            await self.nc.publish(self.naming.task_subject, task.to_wire())
+            try:
+                await self._publish_task(task)
+            except NoStreamResponseError:
+                # No sidecar ever ran: create the stream so the task waits for one instead of being lost.
+                await ensure_task_stream(self._js, self.naming)
+                await self._publish_task(task)
         except BaseException:
             await handle.close()
             raise
         return handle
+
+    async def _publish_task(self, task: Task) -> None:
+        # A JetStream publish confirms the task is stored; the message id de-duplicates retries.
+        await self._js.publish(
+            self.naming.task_subject, task.to_wire(), headers={"Nats-Msg-Id": task.task_id}, timeout=5
+        )
 
     async def run(self, prompt: str | Task, *, wait: float | None = None, **kwargs: Any) -> TaskResult:
         """Submit and wait for the result (``wait`` seconds at most)."""

@@ -116,3 +116,16 @@ async def test_task_that_keeps_killing_sidecars_ends_with_an_error_result(nats_s
             await second.stop()
     assert result.status == "error"
     assert result.error_type == "redelivery_exhausted"
+
+
+async def test_task_submitted_before_any_sidecar_ever_ran_waits_for_one(nats_server, tmp_path):
+    naming = unique_naming()
+    async with await CodingClient.connect(nats_server.url, naming=naming) as client:
+        early = await client.submit("create early.txt with content first", workspace="early", session="early")
+        sidecar = process_config(tmp_path, "late", nats_server.url, naming)
+        await sidecar.start()
+        try:
+            assert (await early.result(timeout=60)).status == "completed"
+        finally:
+            await sidecar.stop()
+    assert (tmp_path / "workspaces" / "early" / "early.txt").read_text() == "first"
