@@ -151,6 +151,7 @@ class Stack:
             str(Path(sys.executable).parent / "ocbridge"), "serve", "--config", str(config), stderr=self.log.open("wb"),
         )
         naming = Naming(task_subject=f"bench.{self.tmp.name}.task", tasks_bucket=f"t-{self.tmp.name}",
+                        stream_name=f"B_{self.tmp.name}",
                         sessions_bucket=f"s-{self.tmp.name}", state_bucket=f"st-{self.tmp.name}")
         try:
             self.client = await CodingClient.connect(self.nats.url, naming=naming, retry_for=30)

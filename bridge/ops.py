@@ -59,7 +59,8 @@ class OpsHandler:
 
     def _failed(self, request: GitOpRequest, message: str, error_type: str) -> GitOpResult:
         return GitOpResult(
-            ok=False, op=request.op, session=request.session, error=self._redactor.text(message), errorType=error_type
+            ok=False, op=request.op, session=request.session, branch=request.branch, remote=request.remote,
+            error=self._redactor.text(message), errorType=error_type,
         )
 
     async def _locate(self, request: GitOpRequest) -> tuple[Path, SessionState | None]:
@@ -68,6 +69,9 @@ class OpsHandler:
             state = await self._sessions.get(request.session)
             if state is None:
                 raise WorkspaceFailure(f"no session named {request.session!r}", "invalid_task")
+            if state.closed:
+                raise WorkspaceFailure(f"session {request.session!r} is closed: open it again to continue",
+                                       "invalid_task")
             return Path(state.workspace_path), state
         if request.workspace:
             path = self._flow.path_of(request.workspace)
@@ -107,7 +111,7 @@ class OpsHandler:
                 git=SessionGit(url=repo.url, branch=repo.branch, lastCommit=repo.commit) if repo else (
                     previous.git if reused and previous else None),
                 engine=self._engine.name,
-                title=request.title,
+                title=request.title or (previous.title if previous else None),
             )
             await self._sessions.put(state)
             return GitOpResult(
@@ -133,7 +137,10 @@ class OpsHandler:
         if record is None or record.scope != "workflow" or closes_workflow:
             cleaned = await self._janitor.on_close(path, success=request.success is not False)
         if state is not None:
-            await self._sessions.delete(state.session_name)
+            # Kept (marked closed) rather than deleted: a later open continues the conversation.
+            state.closed = True
+            state.last_used = iso_now()
+            await self._sessions.put(state)
         return GitOpResult(ok=True, op="close", session=request.session, changes=changes, cleanedUp=cleaned,
                            workspacePath=str(path))
 
@@ -144,9 +151,9 @@ class OpsHandler:
             secret = request.token.get_secret_value() if request.token else None
             async with self._flow.token(url or "", secret, request.token_from_kv) as token:
                 result = await run_op(path, request, settings=self._flow.git, token=token,
-                                      author=self._author(), redactor=self._redactor)
+                                      author=self._author(request), redactor=self._redactor)
         else:
-            result = await run_op(path, request, settings=self._flow.git, author=self._author(),
+            result = await run_op(path, request, settings=self._flow.git, author=self._author(request),
                                   redactor=self._redactor)
         result.session = request.session
         if state is not None and result.ok and request.op in ("branch", "commit"):
@@ -159,5 +166,5 @@ class OpsHandler:
             await self._sessions.put(state)
         return result
 
-    def _author(self) -> tuple[str, str]:
-        return (self._flow.git.user_name, self._flow.git.user_email)
+    def _author(self, request: GitOpRequest) -> tuple[str, str]:
+        return (request.author_name or self._flow.git.user_name, request.author_email or self._flow.git.user_email)

@@ -308,6 +308,9 @@ class SessionState(WireModel):
     # title given when it was opened (sessions can be found again by part of it).
     engine: str | None = None
     title: str | None = None
+    #: Addition: set by the ``close`` operation. The record stays so that the session can be found
+    #: (by name, title or engine id) and continued later; ``open`` clears it.
+    closed: bool | None = None
 
 
 # ------------------------------------------------------------------------------------- task records
@@ -406,6 +409,9 @@ class GitOpRequest(WireModel):
     cleanup: CleanupPolicy | None = None
     #: close: whether the work succeeded (``on_success`` cleans up only then).
     success: bool | None = None
+    #: commit: author and committer (else the sidecar's ``git.user_name`` / ``git.user_email``).
+    author_name: str | None = Field(default=None, alias="authorName")
+    author_email: str | None = Field(default=None, alias="authorEmail")
 
     @field_serializer("token", when_used="json")
     def _reveal_token(self, token: SecretStr | None) -> str | None:

@@ -210,7 +210,7 @@ async def test_cleanup_policies_and_workflow_scope(git_stack):
     assert opened.ok and (root / "end-ws").is_dir()
     closed = await client.op({"op": "close", "session": "end-s"})
     assert closed.ok and closed.cleaned_up and not (root / "end-ws").exists()
-    assert await client.get_session("end-s") is None
+    assert (await client.get_session("end-s")).closed is True  # kept, so it can be continued
 
     for name in ("wf-a", "wf-b"):
         await client.op({"op": "open", "session": name, "workspace": "wf-ws", "scope": "workflow",

@@ -81,6 +81,9 @@ class ToolDefaults:
     git_token: str | None = None
     #: New session names are ``<prefix>-<8 hex digits>``.
     session_prefix: str = "coding"
+    #: Author of ``coding_commit`` commits (``None``: the backend's git identity).
+    author_name: str | None = None
+    author_email: str | None = None
 
 
 @dataclass
@@ -233,8 +236,10 @@ class CodingTools:
     async def coding_commit(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Commit the workspace's changes; hash and figures come from git."""
         args = self._parse("coding_commit", CodingCommitInput, arguments)
-        reply, error = await self._op(GitOpRequest(op="commit", session=args.session_id, message=args.message,
-                                                   addAll=args.add_all))
+        reply, error = await self._op(GitOpRequest(
+            op="commit", session=args.session_id, message=args.message, addAll=args.add_all,
+            authorName=self.defaults.author_name, authorEmail=self.defaults.author_email,
+        ))
         return CodingCommitOutput(
             success=reply is not None and reply.ok,
             commit_hash=reply.commit_hash if reply else None,
@@ -265,7 +270,8 @@ class CodingTools:
         args = self._parse("coding_close", CodingCloseInput, arguments)
         await self.start()
         try:
-            reply = await self.backend.op(GitOpRequest(op="close", session=args.session_id, success=args.success))
+            reply = await self.backend.op(GitOpRequest(op="close", session=args.session_id,
+                                                       workspace=args.workspace_id, success=args.success))
         except Exception as exc:
             raise CodingToolError(f"coding_close: {exc}") from exc
         if not reply.ok:

@@ -237,7 +237,10 @@ class EventHub:
         parser = SSEParser()
         async with self._api.stream("/global/event") as resp:
             while True:
-                chunk = await asyncio.wait_for(resp.content.readany(), READ_TIMEOUT)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # races a chunk's arrival, leaving this task (and stop()) hanging for ever.
+                async with asyncio.timeout(READ_TIMEOUT):
+                    chunk = await resp.content.readany()
                 if not chunk:
                     return  # server closed the stream
                 for data in parser.feed(chunk):
