@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from client.connection import NatsOptions
+from client.mappings import deep_merge, set_path
 from client.naming import Naming
 from client.protocol import CleanupPolicy
 
@@ -144,15 +145,6 @@ class BridgeConfig(Section):
     log_format: Literal["text", "json"] = "text"
 
 
-def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        node = target.get(key)
-        if not isinstance(node, dict):
-            node = target[key] = {}
-        target = node
-    target[path[-1]] = value
-
-
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in environ.items():
@@ -165,18 +157,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             path = tuple(part.lower() for part in key.split("__"))
         else:
             path = (key.lower(),)
-        _set_path(out, path, value)
+        set_path(out, path, value)
     return out
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_config(
@@ -199,8 +181,8 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
-    data = _merge(data, _env_overrides(environ))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    data = deep_merge(data, _env_overrides(environ))
+    data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return BridgeConfig.model_validate(data)
     except ValidationError as exc:

@@ -55,6 +55,7 @@ from pydantic import (
     field_validator,
 )
 
+from .mappings import deep_merge, set_path
 from .naming import Naming
 from .protocol import CleanupPolicy
 
@@ -239,15 +240,6 @@ class StationCodingConfig(_Block):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        node = target.get(key)
-        if not isinstance(node, dict):
-            node = target[key] = {}
-        target = node
-    target[path[-1]] = value
-
-
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """Overrides from the environment, and which variable set each key (for error messages)."""
     data: dict[str, Any] = {}
@@ -262,19 +254,9 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
             path = tuple(part.lower() for part in name[len(_GENERIC_PREFIX):].split("__") if part)
             if not path:
                 continue
-        _set_path(data, path, environ[name])
+        set_path(data, path, environ[name])
         origin[path] = name
     return data, origin
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _read_yaml(path: Path) -> Any:
@@ -333,7 +315,7 @@ def load_station_config(
         path = Path(source)
         data = _coding_block(_read_yaml(path), f"config file {path}")
     overrides, origin = _env_overrides(environ)
-    data = _merge(data, overrides)
+    data = deep_merge(data, overrides)
     try:
         return StationCodingConfig.model_validate(data, context={"environ": environ})
     except ValidationError as exc:

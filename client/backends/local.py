@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..mappings import deep_merge
 from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
 from ..station_config import StationCodingConfig, StationConfigError
 from .base import CodingBackend, EventCallback
@@ -34,16 +35,6 @@ def _prune(data: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     return out
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def local_bridge_config(station: StationCodingConfig, backend: str) -> dict[str, Any]:
@@ -80,8 +71,8 @@ def local_bridge_config(station: StationCodingConfig, backend: str) -> dict[str,
         },
     }
     data = _prune(data)
-    data = _deep_merge(data, {"git": station.bridge.git} if station.bridge.git else {})
-    return _deep_merge(data, station.bridge.sidecar)
+    data = deep_merge(data, {"git": station.bridge.git} if station.bridge.git else {})
+    return deep_merge(data, station.bridge.sidecar)
 
 
 class LocalBackend(CodingBackend):

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
-from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES, deep_merge
+from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES
 from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
+from client.mappings import deep_merge
 from client.protocol import ToolInfo
 
 from .common import (
