@@ -54,7 +54,12 @@ def render_result(result: TaskResult, *, color: bool = False) -> str:
         lines.append(f"session {result.session.name} ({result.session.opencode_id}), "
                      f"{result.session.message_count or 0} exchange(s)")
     if result.workspace and result.workspace.path:
-        lines.append(f"workspace {result.workspace.path}")
+        git = result.workspace.git
+        where = f" on {git.branch} at {(git.commit or '')[:10]}{' (dirty)' if git.dirty else ''}" if git else ""
+        lines.append(f"workspace {result.workspace.path}{where}")
+    for change in result.changes or []:
+        counts = f" +{change.insertions} -{change.deletions}" if change.insertions is not None else ""
+        lines.append(f"  {change.status:8} {change.path}{counts}")
     if result.error:
         lines.append(_c(f"error ({result.error_type}): {result.error}", "red", color))
     elif result.result:
