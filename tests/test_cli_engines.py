@@ -241,7 +241,7 @@ def test_placeholder_session_matching() -> None:
 def need(binary: str) -> str:
     path = BIN / binary
     if not path.exists():
-        pytest.skip(f"{binary} not installed (run scripts/setup)")
+        pytest.fail(f"{binary} not installed (run scripts/setup)")
     return str(path)
 
 

@@ -373,7 +373,7 @@ async def test_cli_main_serves_until_sigterm(tmp_path: Path) -> None:
 def need(binary: str) -> str:
     path = BIN / binary
     if not path.exists():
-        pytest.skip(f"{binary} not installed (run scripts/setup)")
+        pytest.fail(f"{binary} not installed (run scripts/setup)")
     return str(path)
 
 
