@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
-from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES
+from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES, prepare_opencode_home
 from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
 from client.mappings import deep_merge
 from client.protocol import ToolInfo
@@ -169,15 +169,7 @@ class OpenCodeCLIEngine(CLIEngine):
         self._titles: dict[str, str] = {}
 
     def prepare_state(self, root: Path) -> None:
-        for sub in ("home", "config", "data", "cache", "state"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        # Without node_modules in its config directory OpenCode starts a background
-        # `npm install @opencode-ai/plugin` on every run.
-        plugin_dir = root / "config" / "opencode"
-        (plugin_dir / "node_modules").mkdir(parents=True, exist_ok=True)
-        package = plugin_dir / "package.json"
-        if not package.exists():
-            package.write_text("{}\n")
+        prepare_opencode_home(root)
 
     def environment(self) -> dict[str, str]:
         root = self.state_dir

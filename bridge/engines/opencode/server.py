@@ -28,7 +28,7 @@ from bridge.engines.base import EngineError
 from bridge.procutil import PROVIDER_ENV, die_with_parent, inherited_environment
 
 from .api import OpenCodeAPI
-from .settings import OFFLINE_SWITCHES, OpenCodeSettings
+from .settings import OFFLINE_SWITCHES, OpenCodeSettings, prepare_opencode_home
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,7 @@ class OpenCodeProcess:
     # ----------------------------------------------------------------------------- launching
 
     def _prepare_state_dir(self, root: Path) -> None:
-        for sub in ("home", "config", "data", "cache", "state"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        # With node_modules present OpenCode skips its background `npm install @opencode-ai/plugin`.
-        oc_config = root / "config" / "opencode"
-        (oc_config / "node_modules").mkdir(parents=True, exist_ok=True)
-        package = oc_config / "package.json"
-        if not package.exists():
-            package.write_text("{}\n")
+        prepare_opencode_home(root)
         self.log_path = root / "opencode-server.log"
         self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived
 

@@ -35,6 +35,21 @@ OFFLINE_SWITCHES: dict[str, str] = {
 }
 
 
+def prepare_opencode_home(root: Path) -> None:
+    """The private HOME and XDG folders an isolated OpenCode (server or ``opencode run``) uses.
+
+    An empty ``node_modules`` in its config folder stops OpenCode from starting a background
+    ``npm install @opencode-ai/plugin`` on every start.
+    """
+    for sub in ("home", "config", "data", "cache", "state"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    plugin_dir = root / "config" / "opencode"
+    (plugin_dir / "node_modules").mkdir(parents=True, exist_ok=True)
+    package = plugin_dir / "package.json"
+    if not package.exists():
+        package.write_text("{}\n")
+
+
 @dataclass(slots=True)
 class OpenCodeSettings:
     """How the engine reaches OpenCode.
