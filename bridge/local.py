@@ -8,14 +8,13 @@ The pipeline, the engines and the git layer are the sidecar's own, so results ha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
 
 from .config import BridgeConfig
 from .engines.base import Engine
-from .engines.factory import build_engine
+from .engines.factory import EngineHost
 from .redact import Redactor, default_redactor
 from .runtime import Runtime, build_runtime
 from .stores import FolderArtifacts, FolderKeyValue
@@ -31,23 +30,16 @@ class LocalRunner:
         self.redactor = redactor or default_redactor
         self.engine = engine
         self._runtime: Runtime | None = None
-        self._offline_model = None
+        self._host: EngineHost | None = None
         self._listeners: dict[str, EventCallback] = {}
         self._cancels: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         config = self.config
         data = config.data_dir.resolve()
-        offline_url = None
-        if config.offline_model:
-            from .offline_model.server import OfflineModelServer
-
-            self._offline_model = OfflineModelServer()
-            offline_url = await self._offline_model.start()
+        self._host = EngineHost(config, data_dir=data, engine=self.engine)
         try:
-            if self.engine is None:
-                self.engine = build_engine(config, data_dir=data, offline_model_url=offline_url)
-            await self.engine.start()
+            self.engine = await self._host.start()
         except BaseException:
             await self.aclose()
             raise
@@ -62,13 +54,9 @@ class LocalRunner:
         )
 
     async def aclose(self) -> None:
-        if self.engine is not None:
-            with contextlib.suppress(Exception):
-                await self.engine.aclose()
-        if self._offline_model is not None:
-            with contextlib.suppress(Exception):
-                await self._offline_model.stop()
-            self._offline_model = None
+        if self._host is not None:
+            await self._host.aclose()
+            self._host = None
 
     async def __aenter__(self) -> LocalRunner:
         await self.start()

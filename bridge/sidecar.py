@@ -16,7 +16,7 @@ from client.connection import connect, redact_url
 
 from .config import BridgeConfig
 from .engines.base import Engine
-from .engines.factory import build_engine
+from .engines.factory import EngineHost
 from .natsd import EmbeddedNats
 from .redact import Redactor, default_redactor
 from .runtime import Runtime, build_runtime
@@ -37,9 +37,9 @@ class Sidecar:
         self.redactor = redactor or default_redactor
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.engine = engine
+        self._host: EngineHost | None = None
         self.nats_url: str | None = config.nats.url
         self._embedded: EmbeddedNats | None = None
-        self._offline_model = None
         self._nc: NATS | None = None
         self.worker: Worker | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -62,16 +62,8 @@ class Sidecar:
                 )
                 self.nats_url = await self._embedded.start()
                 log.info("no NATS URL configured: embedded NATS at %s", self.nats_url)
-            offline_url = None
-            if config.offline_model:
-                from .offline_model.server import OfflineModelServer
-
-                self._offline_model = OfflineModelServer()
-                offline_url = await self._offline_model.start()
-                log.info("offline model at %s", offline_url)
-            if self.engine is None:
-                self.engine = build_engine(config, data_dir=data_dir, offline_model_url=offline_url)
-            await self.engine.start()
+            self._host = EngineHost(config, data_dir=data_dir, engine=self.engine)
+            self.engine = await self._host.start()
 
             options = config.nats.model_copy(update={"url": self.nats_url, "name": f"ocbridge-{self.id}"})
             self._nc = await connect(options)
@@ -124,13 +116,9 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await self._nc.close()
             self._nc = None
-        if self.engine is not None:
-            with contextlib.suppress(Exception):
-                await self.engine.aclose()
-        if self._offline_model is not None:
-            with contextlib.suppress(Exception):
-                await self._offline_model.stop()
-            self._offline_model = None
+        if self._host is not None:
+            await self._host.aclose()
+            self._host = None
         if self._embedded is not None:
             await self._embedded.stop()
             self._embedded = None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import sysconfig
 from pathlib import Path
 
 from ..config import BridgeConfig
 from .base import Engine
+
+log = logging.getLogger(__name__)
 
 #: Where ``scripts/setup`` installs the pinned agent CLIs.
 PROJECT_TOOLS = Path(__file__).resolve().parents[2] / ".tools" / "npm" / "node_modules" / ".bin"
@@ -83,3 +87,39 @@ def _claude(config: BridgeConfig, data_dir: Path, offline_model_url: str | None,
         max_turns=cc.max_turns, allowed_tools=cc.allowed_tools, disallowed_tools=cc.disallowed_tools,
         permission_mode=cc.permission_mode, extra_path=scripts,
     ))
+
+
+class EngineHost:
+    """The configured engine, plus the offline model it talks to when ``config.offline_model`` is set.
+
+    Shared by the sidecar and the in-process runner: ``await host.start()`` ... ``await host.aclose()``.
+    """
+
+    def __init__(self, config: BridgeConfig, *, data_dir: Path, engine: Engine | None = None) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.engine = engine
+        self._offline_model = None
+
+    async def start(self) -> Engine:
+        offline_url = None
+        if self.config.offline_model:
+            from ..offline_model.server import OfflineModelServer
+
+            self._offline_model = OfflineModelServer()
+            offline_url = await self._offline_model.start()
+            log.info("offline model at %s", offline_url)
+        if self.engine is None:
+            self.engine = build_engine(self.config, data_dir=self.data_dir, offline_model_url=offline_url)
+        await self.engine.start()
+        return self.engine
+
+    async def aclose(self) -> None:
+        """Stop the engine (reaping its processes) and the offline model; never raises."""
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await self.engine.aclose()
+        if self._offline_model is not None:
+            with contextlib.suppress(Exception):
+                await self._offline_model.stop()
+            self._offline_model = None
