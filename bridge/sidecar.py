@@ -78,8 +78,8 @@ class Sidecar:
                 config,
                 self.engine,
                 publish=self._nc.publish,
-                sessions=NatsKeyValue(buckets.sessions),
-                state=NatsKeyValue(buckets.state),
+                sessions=NatsKeyValue(js, naming.sessions_bucket, buckets.sessions),
+                state=NatsKeyValue(js, naming.state_bucket, buckets.state),
                 artifacts=NatsArtifacts(buckets.files),
                 redactor=self.redactor,
             )

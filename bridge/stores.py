@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -46,7 +47,9 @@ async def get_json(store: KeyValueStore, key: str) -> dict[str, Any] | None:
 class NatsKeyValue:
     """A NATS KV bucket; keys are arbitrary names (encoded when NATS would refuse them)."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, kv: KeyValue) -> None:
+        self.js = js
+        self.bucket = bucket
         self.kv = kv
 
     async def get(self, key: str) -> bytes | None:
@@ -63,7 +66,7 @@ class NatsKeyValue:
         await self.kv.delete(kv_key(key))
 
     async def keys(self) -> list[str]:
-        return [kv_name(k) for k in await list_keys(self.kv)]
+        return [kv_name(k) for k in await list_keys(self.js, self.bucket)]
 
 
 class NatsArtifacts:

@@ -198,7 +198,7 @@ class CodingClient:
     async def list_sessions(self) -> list[SessionState]:
         kv = await self._bucket(self.naming.sessions_bucket)
         sessions = []
-        for key in await list_keys(kv):
+        for key in await list_keys(self._js, self.naming.sessions_bucket):
             data = await get_json(kv, key)
             if data is not None:
                 try:

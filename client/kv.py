@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -42,10 +43,13 @@ async def get_json(kv: KeyValue, key: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def list_keys(kv: KeyValue) -> list[str]:
-    try:
-        return list(await kv.keys())
-    except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
-        if exc.__class__.__name__ == "NoKeysError":
-            return []
-        raise
+async def list_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys of a KV bucket, read from its stream's per-subject state.
+
+    Not ``KeyValue.keys()``: its watcher can signal "no more keys" before it has processed the
+    messages already delivered, so a full bucket intermittently reads as empty (nats.py#842).
+    A key whose last entry is a delete marker is still listed: ``get`` reports it absent.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return sorted(subject[len(prefix) :] for subject in info.state.subjects or {})

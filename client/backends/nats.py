@@ -13,6 +13,7 @@ import logging
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import BucketNotFoundError
 
 from ..client import CodingClient
 from ..connection import NatsOptions
@@ -151,9 +152,7 @@ class NatsBackend(CodingBackend):
         """Sessions in the sessions bucket, most recently used first (none when it does not exist)."""
         try:
             return await self.client.list_sessions()
-        except BackendError:
-            raise
-        except Exception as exc:
-            # No bucket yet means no sidecar ever ran: no sessions.
-            log.debug("listing sessions failed: %s", exc)
-            return []
+        except BucketNotFoundError:
+            return []  # no sidecar ever ran on this naming: no sessions
+        except NatsTimeoutError:
+            raise BackendError("listing sessions: no answer from NATS JetStream") from None
