@@ -76,10 +76,8 @@ async def ensure_consumer(
 
 
 async def _kv(js: JetStreamContext, bucket: str, *, history: int = 1, ttl: float | None = None) -> KeyValue:
-    try:
+    with contextlib.suppress(NotFoundError):
         return await js.key_value(bucket)
-    except Exception:
-        pass
     try:
         return await js.create_key_value(bucket=bucket, history=history, ttl=ttl)
     except BadRequestError:
@@ -92,7 +90,7 @@ async def ensure_buckets(js: JetStreamContext, naming: Naming, settings: JetStre
     tasks = await _kv(js, naming.tasks_bucket, ttl=settings.task_record_ttl)
     try:
         files = await js.object_store(naming.object_store)
-    except Exception:
+    except NotFoundError:
         try:
             files = await js.create_object_store(naming.object_store)
         except BadRequestError:

@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .connection import NatsOptions, connect
@@ -153,7 +153,7 @@ class CodingClient:
         try:
             state = await self._bucket(self.naming.state_bucket)
             await state.put(cancel_key(task_id), body)
-        except Exception:
+        except NotFoundError:
             pass  # no bucket yet: the live message below is all we can do
         await self.nc.publish(self.naming.cancel_subject(task_id), body)
         await self.nc.flush()
@@ -188,10 +188,8 @@ class CodingClient:
         store = await self._js.object_store(self.naming.object_store)
         try:
             return (await store.get(name)).data
-        except Exception as exc:
-            if exc.__class__.__name__ in ("ObjectNotFoundError", "NotFoundError"):
-                return None
-            raise
+        except NotFoundError:
+            return None
 
     # --------------------------------------------------------------------------------- sessions
 
