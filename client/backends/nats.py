@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -20,8 +19,6 @@ from ..connection import NatsOptions
 from ..naming import Naming
 from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskCallback, TaskResult, TaskStatus
 from .base import CodingBackend, EventCallback
-
-log = logging.getLogger(__name__)
 
 
 class BackendError(RuntimeError):
