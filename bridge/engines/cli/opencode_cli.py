@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
-from bridge.engines.opencode.settings import DEFAULT_PERMISSION, OFFLINE_SWITCHES, prepare_opencode_home
+from bridge.engines.opencode.settings import (
+    DEFAULT_PERMISSION,
+    OFFLINE_SWITCHES,
+    opencode_home_env,
+    prepare_opencode_home,
+)
 from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
 from client.mappings import deep_merge
 from client.protocol import ToolInfo
@@ -172,16 +177,9 @@ class OpenCodeCLIEngine(CLIEngine):
         prepare_opencode_home(root)
 
     def environment(self) -> dict[str, str]:
-        root = self.state_dir
         env = self.base_environment()
-        env.update(
-            HOME=str(root / "home"),
-            XDG_CONFIG_HOME=str(root / "config"),
-            XDG_DATA_HOME=str(root / "data"),
-            XDG_CACHE_HOME=str(root / "cache"),
-            XDG_STATE_HOME=str(root / "state"),
-            OPENCODE_CONFIG_CONTENT=json.dumps(self.settings.opencode_config()),
-        )
+        env.update(opencode_home_env(self.state_dir))
+        env["OPENCODE_CONFIG_CONTENT"] = json.dumps(self.settings.opencode_config())
         env.update(OFFLINE_SWITCHES)
         env.update(self.settings.env)
         return env

@@ -28,7 +28,7 @@ from bridge.engines.base import EngineError
 from bridge.procutil import PROVIDER_ENV, die_with_parent, inherited_environment
 
 from .api import OpenCodeAPI
-from .settings import OFFLINE_SWITCHES, OpenCodeSettings, prepare_opencode_home
+from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, prepare_opencode_home
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,8 @@ class OpenCodeProcess:
         # credentials and the bridge's settings stay out. Provider keys pass: OpenCode needs them.
         env = inherited_environment(pattern=PROVIDER_ENV)
         path = [*s.extra_path, env.get("PATH", "/usr/bin:/bin")]
+        env.update(opencode_home_env(root))
         env.update(
-            HOME=str(root / "home"),
-            XDG_CONFIG_HOME=str(root / "config"),
-            XDG_DATA_HOME=str(root / "data"),
-            XDG_CACHE_HOME=str(root / "cache"),
-            XDG_STATE_HOME=str(root / "state"),
             PATH=os.pathsep.join(path),
             OPENCODE_CONFIG_CONTENT=json.dumps(s.opencode_config()),
             OPENCODE_SERVER_PASSWORD=self.password,

@@ -35,19 +35,34 @@ OFFLINE_SWITCHES: dict[str, str] = {
 }
 
 
+#: The private home of an isolated OpenCode: environment variable -> folder under its state root.
+_HOME_LAYOUT = {
+    "HOME": "home",
+    "XDG_CONFIG_HOME": "config",
+    "XDG_DATA_HOME": "data",
+    "XDG_CACHE_HOME": "cache",
+    "XDG_STATE_HOME": "state",
+}
+
+
 def prepare_opencode_home(root: Path) -> None:
     """The private HOME and XDG folders an isolated OpenCode (server or ``opencode run``) uses.
 
     An empty ``node_modules`` in its config folder stops OpenCode from starting a background
     ``npm install @opencode-ai/plugin`` on every start.
     """
-    for sub in ("home", "config", "data", "cache", "state"):
+    for sub in _HOME_LAYOUT.values():
         (root / sub).mkdir(parents=True, exist_ok=True)
     plugin_dir = root / "config" / "opencode"
     (plugin_dir / "node_modules").mkdir(parents=True, exist_ok=True)
     package = plugin_dir / "package.json"
     if not package.exists():
         package.write_text("{}\n")
+
+
+def opencode_home_env(root: Path) -> dict[str, str]:
+    """The HOME and XDG_* variables that point OpenCode at the home :func:`prepare_opencode_home` made."""
+    return {name: str(root / sub) for name, sub in _HOME_LAYOUT.items()}
 
 
 @dataclass(slots=True)
