@@ -24,21 +24,19 @@ import contextlib
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ocbridge.bridge.config import load_config
+from ocbridge.bridge.jetstream.natsd import EmbeddedNats
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.station.config import load_station_config
+from ocbridge.client.station.tools import CodingTools, tools_from_config
 
-from bridge.config import load_config  # noqa: E402
-from bridge.natsd import EmbeddedNats  # noqa: E402
-from bridge.sidecar import Sidecar  # noqa: E402
-from client.naming import Naming  # noqa: E402
-from client.station_config import load_station_config  # noqa: E402
-from client.tools import CodingTools, tools_from_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKENDS = ("opencode-nats", "opencode", "opencode-cli", "claudecode")
 BASELINE = "opencode"

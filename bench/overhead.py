@@ -23,17 +23,16 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ocbridge.bridge.engines.factory import find_tool
+from ocbridge.bridge.engines.opencode.server import OpenCodeProcess
+from ocbridge.bridge.engines.opencode.settings import OpenCodeSettings
+from ocbridge.bridge.jetstream.natsd import EmbeddedNats
+from ocbridge.bridge.offline_model.configs import opencode_provider_config
+from ocbridge.bridge.offline_model.server import OfflineModelServer
+from ocbridge.client.client import CodingClient
+from ocbridge.client.protocol.naming import Naming
 
-from bridge.engines.factory import find_tool  # noqa: E402
-from bridge.engines.opencode.server import OpenCodeProcess  # noqa: E402
-from bridge.engines.opencode.settings import OpenCodeSettings  # noqa: E402
-from bridge.natsd import EmbeddedNats  # noqa: E402
-from bridge.offline_model.configs import opencode_provider_config  # noqa: E402
-from bridge.offline_model.server import OfflineModelServer  # noqa: E402
-from client.client import CodingClient  # noqa: E402
-from client.naming import Naming  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mib(pid: int) -> float:

@@ -17,19 +17,17 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ocbridge.bridge.workspace.git import GitSettings, begin, collect, prepare
+from ocbridge.bridge.workspace.git.repo import is_dirty
+from ocbridge.client.protocol.models import GitSpec
 
-from bridge.gitops import GitSettings, begin, collect, prepare  # noqa: E402
-from bridge.gitops.repo import is_dirty  # noqa: E402
-from client.protocol import GitSpec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = GitSettings(allow_file_urls=True)
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, "GIT_CONFIG_NOSYSTEM": "1"}

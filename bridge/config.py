@@ -16,12 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from client.connection import NatsOptions
-from client.mappings import deep_merge, set_path
-from client.naming import Naming
-from client.protocol import CleanupPolicy
-
-from .gitops.settings import GitSettings
+from ocbridge.bridge.workspace.git.settings import GitSettings
+from ocbridge.client.connection import NatsOptions
+from ocbridge.client.mappings import deep_merge, set_path
+from ocbridge.client.protocol.models import CleanupPolicy
+from ocbridge.client.protocol.naming import Naming
 
 ENV_PREFIX = "OCBRIDGE_"
 

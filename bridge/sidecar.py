@@ -12,17 +12,22 @@ import socket
 
 from nats.aio.client import Client as NATS
 
-from client.connection import connect, redact_url
+from ocbridge.bridge.jetstream.natsd import EmbeddedNats
+from ocbridge.bridge.jetstream.setup import (
+    ensure_buckets,
+    ensure_consumer,
+    ensure_dead_letter_stream,
+    ensure_task_stream,
+)
+from ocbridge.bridge.jetstream.worker import Worker
+from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
+from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
+from ocbridge.client.connection import connect, redact_url
 
 from .config import BridgeConfig
 from .engines.base import Engine
 from .engines.factory import EngineHost
-from .natsd import EmbeddedNats
 from .redact import Redactor, default_redactor
-from .runtime import Runtime, build_runtime
-from .stores import NatsArtifacts, NatsKeyValue
-from .streams import ensure_buckets, ensure_consumer, ensure_dead_letter_stream, ensure_task_stream
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from ocbridge.client.protocol.models import SessionState, StreamEvent, Task, TaskRecord, TaskResult, TaskStatus
+from ocbridge.client.protocol.naming import naming_from_env
+
+from . import _sidecar
 from .client import CodingClient
 from .connection import NatsOptions
-from .naming import naming_from_env
-from .protocol import SessionState, StreamEvent, Task, TaskRecord, TaskResult, TaskStatus
 from .render import render_event, render_result
 
 EXIT_CODES = {TaskStatus.COMPLETED: 0, TaskStatus.ERROR: 1, TaskStatus.TIMEOUT: 3, TaskStatus.CANCELLED: 4}
@@ -223,23 +225,19 @@ def _schema() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["offline-model"]:
-        from bridge.offline_model.server import main as offline_main
-
-        return offline_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        try:
-            from bridge.cli import serve
-        except ImportError as exc:
-            print(f"ocbridge serve needs the sidecar extras: pip install 'opencode-bridge[bridge]' ({exc})",
-                  file=sys.stderr)
-            return 2
-        return serve(args)
+    try:
+        if argv[:1] == ["offline-model"]:
+            return _sidecar.offline_model(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command == "serve":
+            return _sidecar.serve(args)
+    except _sidecar.SidecarUnavailable as exc:
+        print(f"ocbridge: {exc}", file=sys.stderr)
+        return 2
     if args.command == "schema":
         return _schema()
     if args.command == "mcp":
-        from .mcp_server import main as mcp_main
+        from ocbridge.client.station.mcp_server import main as mcp_main
 
         return mcp_main(args)
     handlers = {"run": _run, "submit": _run, "watch": _watch, "cancel": _cancel, "sessions": _sessions}

@@ -9,11 +9,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
-from .connection import NatsOptions, connect
-from .handle import TaskHandle
-from .kv import get_json, kv_key, list_keys
-from .naming import Naming
-from .protocol import (
+from ocbridge.client.protocol.models import (
     CancelRequest,
     GitOpRequest,
     GitOpResult,
@@ -29,6 +25,11 @@ from .protocol import (
     cancel_key,
     record_key,
 )
+from ocbridge.client.protocol.naming import Naming
+
+from .connection import NatsOptions, connect
+from .handle import TaskHandle
+from .kv import get_json, kv_key, list_keys
 from .streams import ensure_task_stream
 
 

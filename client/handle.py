@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
+from ocbridge.client.protocol.models import StreamEvent, TaskRecord, TaskResult, ValidationError, record_key
+
 from .kv import get_json
-from .protocol import StreamEvent, TaskRecord, TaskResult, ValidationError, record_key
 
 if TYPE_CHECKING:
     from .client import CodingClient

@@ -8,15 +8,14 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ocbridge.bridge.config import load_config
+from ocbridge.bridge.logs import setup_logging
+from ocbridge.bridge.redact import default_redactor
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.client import CodingClient
+from ocbridge.client.render import render_event, render_result
 
-from bridge.config import load_config  # noqa: E402
-from bridge.logs import setup_logging  # noqa: E402
-from bridge.redact import default_redactor  # noqa: E402
-from bridge.sidecar import Sidecar  # noqa: E402
-from client.client import CodingClient  # noqa: E402
-from client.render import render_event, render_result  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = (
     "create hello.py with content print('Hello from the offline demo')\n"

@@ -1,25 +1,19 @@
-"""Shared fixtures: a real nats-server with JetStream, the offline model, sidecars, clients."""
+"""Shared fixtures: a real nats-server with JetStream and a sidecar + client stack.
+
+Helpers that tests import (unique names, configs, a sidecar process, the git server) live in
+``tests/support``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import sys
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from bridge.config import BridgeConfig, load_config
-from bridge.natsd import EmbeddedNats
-from bridge.sidecar import Sidecar
-from client.client import CodingClient
-from client.naming import Naming
-
-ROOT = Path(__file__).resolve().parents[1]
-OCBRIDGE = str(Path(sys.executable).parent / "ocbridge")
+from ocbridge.bridge.jetstream.natsd import EmbeddedNats
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.client import CodingClient
+from support.stack import sidecar_config, unique_naming
 
 
 @pytest.fixture(scope="session")
@@ -29,43 +23,6 @@ async def nats_server(tmp_path_factory) -> AsyncIterator[EmbeddedNats]:
     await server.start()
     yield server
     await server.stop()
-
-
-def unique_naming() -> Naming:
-    """Subjects, stream, consumer and buckets unique to one test, so tests never see each other's tasks."""
-    tag = uuid.uuid4().hex[:8]
-    return Naming(
-        task_subject=f"t{tag}.coding.task",
-        stream_prefix=f"t{tag}.coding.stream",
-        result_prefix=f"t{tag}.coding.result",
-        sessions_bucket=f"sessions-{tag}",
-        state_bucket=f"state-{tag}",
-        object_store=f"files-{tag}",
-        tasks_bucket=f"tasks-{tag}",
-        stream_name=f"TASKS_{tag}",
-        dead_letter_stream=f"DEAD_{tag}",
-        consumer_name=f"workers-{tag}",
-    )
-
-
-def sidecar_config(nats_url: str, tmp_path: Path, naming: Naming, **overrides) -> BridgeConfig:
-    data = {
-        "nats": {"url": nats_url},
-        "naming": naming.model_dump(),
-        "workspace_root": str(tmp_path / "workspaces"),
-        "data_dir": str(tmp_path / "data"),
-        "offline_model": True,
-        "concurrency": 2,
-        "jetstream": {"ack_wait": 5, "max_attempts": 2},
-        "shutdown_grace": 5,
-        "abort_grace": 5,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return load_config(overrides=data, environ={})
 
 
 @pytest.fixture(scope="module")
@@ -81,43 +38,9 @@ async def stack(nats_server, tmp_path_factory) -> AsyncIterator[tuple[Sidecar, C
     await sidecar.stop(grace=5)
 
 
-class SidecarProcess:
-    """``ocbridge serve`` as a child process, for tests that kill it."""
-
-    def __init__(self, config_file: Path, log_file: Path) -> None:
-        self.config_file = config_file
-        self.log_file = log_file
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, ready_timeout: float = 60.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OCBRIDGE_")}
-        log = self.log_file.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            OCBRIDGE, "serve", "--config", str(self.config_file),
-            stdout=log, stderr=log, env=env, start_new_session=True,
-        )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ready_timeout
-        while "ready; workspaces under" not in self.log_file.read_text(errors="replace"):
-            if self.proc.returncode is not None or loop.time() > deadline:
-                raise RuntimeError(f"sidecar did not start:\n{self.log_file.read_text(errors='replace')[-3000:]}")
-            await asyncio.sleep(0.1)
-
-    async def stop(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 20)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-    async def kill(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-def require_tools() -> None:
-    if not (ROOT / ".tools/npm/node_modules/.bin/opencode").exists() and not shutil.which("opencode"):
-        pytest.fail("opencode is not installed: run scripts/setup")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under ``tests/integration`` is marked ``integration`` (``-m "not integration"``
+    runs the fast unit tests alone)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

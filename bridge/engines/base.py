@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from client.protocol import ModelRef, ToolInfo
+from ocbridge.client.protocol.models import ModelRef, ToolInfo
 
 AgentEventKind = Literal["text", "thinking", "tool_start", "tool_end"]
 

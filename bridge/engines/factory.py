@@ -36,7 +36,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
     scripts = [sysconfig.get_path("scripts")]
     if config.engine == "claudecode":
         return _claude(config, data_dir, offline_model_url, scripts)
-    from client.mappings import deep_merge
+    from ocbridge.client.mappings import deep_merge
 
     extra: dict = {}
     if offline_model_url:

@@ -1,27 +1,25 @@
 """In-process backends: ``opencode`` (HTTP to ``opencode serve``), ``opencode-cli`` and ``claudecode``.
 
 They run the sidecar's own task pipeline and workspace operations in this process through
-``bridge.local.LocalRunner`` (imported lazily: it needs the ``opencode-bridge[bridge]`` extras), so a
-task's result and an operation's reply have exactly the shape the sidecar would publish.
+:class:`~ocbridge.bridge.inprocess.runner.LocalRunner`, so a task's result and an operation's reply
+have exactly the shape the sidecar would publish. The client builds them through its one seam into
+the sidecar (``ocbridge.client._sidecar``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..mappings import deep_merge
-from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
-from ..station_config import StationCodingConfig, StationConfigError
-from .base import CodingBackend, EventCallback
-from .nats import BackendError
+from ocbridge.client.mappings import deep_merge
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
+from ocbridge.client.station.backends.base import LOCAL_ENGINES, CodingBackend, EventCallback
+from ocbridge.client.station.backends.nats import BackendError
+from ocbridge.client.station.config import StationCodingConfig, StationConfigError
 
-if TYPE_CHECKING:
-    from bridge.local import LocalRunner
-
-#: Backends that run in-process, and the engine each one uses.
-LOCAL_ENGINES = ("opencode", "opencode-cli", "claudecode")
+from ..config import ConfigError, load_config
+from .runner import LocalRunner
 
 
 def _prune(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,14 +96,6 @@ class LocalBackend(CodingBackend):
     async def start(self) -> None:
         if self._runner is not None:
             return
-        try:
-            from bridge.config import ConfigError, load_config
-            from bridge.local import LocalRunner
-        except ImportError as exc:
-            raise BackendError(
-                f"the {self.name} backend runs in-process and needs the sidecar extras: "
-                f"pip install 'opencode-bridge[bridge]' ({exc})"
-            ) from None
         try:
             config = load_config(overrides={**self.overrides, "engine": self.name}, environ={})
         except ConfigError as exc:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
-
-from .config import BridgeConfig
-from .engines.base import Engine
-from .engines.factory import EngineHost
-from .redact import Redactor, default_redactor
-from .runtime import Runtime, build_runtime
-from .stores import FolderArtifacts, FolderKeyValue
+from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.engines.base import Engine
+from ocbridge.bridge.engines.factory import EngineHost
+from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
+from ocbridge.bridge.redact import Redactor, default_redactor
+from ocbridge.bridge.storage.stores import FolderArtifacts, FolderKeyValue
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
 
 EventCallback = Callable[[StreamEvent], Awaitable[None]]
 

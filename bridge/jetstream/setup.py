@@ -16,10 +16,9 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from client.naming import Naming
-from client.streams import ensure_task_stream as _ensure_task_stream
-
-from .config import JetStreamSettings
+from ocbridge.bridge.config import JetStreamSettings
+from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
 log = logging.getLogger(__name__)
 

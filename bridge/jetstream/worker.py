@@ -26,8 +26,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from client.kv import get_json
-from client.protocol import (
+from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.jetstream.setup import Buckets
+from ocbridge.bridge.pipeline.runtime import Runtime
+from ocbridge.bridge.redact import Redactor
+from ocbridge.client.kv import get_json
+from ocbridge.client.protocol.models import (
     GitOpRequest,
     GitOpResult,
     Task,
@@ -37,11 +41,6 @@ from client.protocol import (
     cancel_key,
     record_key,
 )
-
-from .config import BridgeConfig
-from .redact import Redactor
-from .runtime import Runtime
-from .streams import Buckets
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from client.protocol import EventType, StreamEvent, ToolInfo, iso_now
-
-from .redact import Redactor
+from ocbridge.bridge.redact import Redactor
+from ocbridge.client.protocol.models import EventType, StreamEvent, ToolInfo, iso_now
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from client.protocol import GitOpRequest, GitOpResult, SessionGit, SessionState, iso_now
-
-from .cleanup import WorkspaceJanitor
-from .engines.base import Engine, EngineError
-from .gitops import GitError, run_op, status
-from .gitops.repo import remote_url
-from .redact import Redactor
-from .sessions import SessionStore
-from .workspace_flow import WorkspaceFailure, WorkspaceFlow
+from ocbridge.bridge.engines.base import Engine, EngineError
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.sessions import SessionStore
+from ocbridge.bridge.workspace.git import GitError, run_op, status
+from ocbridge.bridge.workspace.git.repo import remote_url
+from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
+from ocbridge.bridge.workspace.prepare import WorkspaceFailure, WorkspaceFlow
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionGit, SessionState, iso_now
 
 log = logging.getLogger(__name__)
 

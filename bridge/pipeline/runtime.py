@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cleanup import WorkspaceJanitor
-from .config import BridgeConfig
+from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.engines.base import Engine
+from ocbridge.bridge.pipeline.task import TaskPipeline
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.sessions import SessionStore
+from ocbridge.bridge.storage.stores import ArtifactStore, KeyValueStore
+from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
+from ocbridge.bridge.workspace.prepare import WorkspaceFlow
+
 from .emitter import Publish
-from .engines.base import Engine
 from .ops import OpsHandler
-from .pipeline import TaskPipeline
-from .redact import Redactor
-from .sessions import SessionStore
-from .stores import ArtifactStore, KeyValueStore
-from .workspace_flow import WorkspaceFlow
 
 
 @dataclass

@@ -14,7 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.protocol import (
+from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.sessions import SessionStore
+from ocbridge.bridge.workspace.git import ChangeSet, RepoState
+from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
+from ocbridge.bridge.workspace.paths import Workspace
+from ocbridge.bridge.workspace.prepare import WorkspaceFailure, WorkspaceFlow
+from ocbridge.client.protocol.models import (
     EventSession,
     EventType,
     ResultMetrics,
@@ -28,15 +36,7 @@ from client.protocol import (
     iso_now,
 )
 
-from .cleanup import WorkspaceJanitor
-from .config import BridgeConfig
 from .emitter import EventEmitter, Publish
-from .engines.base import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome
-from .gitops import ChangeSet, RepoState
-from .redact import Redactor
-from .sessions import SessionStore
-from .workspace import Workspace
-from .workspace_flow import WorkspaceFailure, WorkspaceFlow
 
 log = logging.getLogger(__name__)
 

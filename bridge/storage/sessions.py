@@ -6,9 +6,9 @@ import asyncio
 import json
 from collections import defaultdict
 
-from client.protocol import SessionState
+from ocbridge.bridge.redact import Redactor
+from ocbridge.client.protocol.models import SessionState
 
-from .redact import Redactor
 from .stores import KeyValueStore, get_json
 
 

@@ -18,7 +18,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from client.kv import kv_key, kv_name, list_keys
+from ocbridge.client.kv import kv_key, kv_name, list_keys
 
 
 class KeyValueStore(Protocol):

@@ -20,9 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from client.protocol import CleanupPolicy, Scope
-
-from .stores import KeyValueStore, get_json
+from ocbridge.bridge.storage.stores import KeyValueStore, get_json
+from ocbridge.client.protocol.models import CleanupPolicy, Scope
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.protocol import EventGit, GitSpec
-
-from .gitops import Baseline, ChangeSet, GitError, GitSettings, RepoState, begin, collect, prepare, resolve_token
-from .redact import Redactor
-from .stores import ArtifactStore, KeyValueStore
-from .workspace import Workspace, WorkspaceError, open_workspace, resolve_workspace_path
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.stores import ArtifactStore, KeyValueStore
+from ocbridge.bridge.workspace.git import (
+    Baseline,
+    ChangeSet,
+    GitError,
+    GitSettings,
+    RepoState,
+    begin,
+    collect,
+    prepare,
+    resolve_token,
+)
+from ocbridge.bridge.workspace.paths import Workspace, WorkspaceError, open_workspace, resolve_workspace_path
+from ocbridge.client.protocol.models import EventGit, GitSpec
 
 #: ``emit(event_type, git=EventGit, content=...)``: how git progress reaches the task's events.
 GitEmit = Callable[..., Awaitable[None]]

@@ -25,7 +25,7 @@ from pydantic import (
     field_serializer,
 )
 
-from .kv import kv_key
+from ocbridge.client.kv import kv_key
 
 __all__ = [
     "CancelRequest",

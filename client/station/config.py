@@ -55,9 +55,9 @@ from pydantic import (
     field_validator,
 )
 
-from .mappings import deep_merge, set_path
-from .naming import Naming
-from .protocol import CleanupPolicy
+from ocbridge.client.mappings import deep_merge, set_path
+from ocbridge.client.protocol.models import CleanupPolicy
+from ocbridge.client.protocol.naming import Naming
 
 __all__ = [
     "ENV_OVERRIDES",

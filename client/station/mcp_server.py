@@ -28,7 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .station_config import StationConfigError, default_config_path, load_station_config
+from ocbridge.client.station.config import StationConfigError, default_config_path, load_station_config
+
 from .tools import TOOL_DESCRIPTIONS, TOOL_NAMES, TOOL_SCHEMAS, CodingToolError, CodingTools, tools_from_config
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tools, sidecar_config, unique_naming
-from gitserver import GitHttpServer, Remote, git, make_remote
 
-from bridge.sidecar import Sidecar
-from client.naming import Naming
-from client.station_config import load_station_config
-from client.tools import CodingTools, tools_from_config
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.station.config import load_station_config
+from ocbridge.client.station.tools import CodingTools, tools_from_config
+from support.gitserver import GitHttpServer, Remote, git, make_remote
+from support.stack import require_tools, sidecar_config, unique_naming
 
 pytestmark = pytest.mark.slow
 

@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 
-from bridge.engines.base import AgentEvent, Engine, EngineError, PromptRequest
-from bridge.engines.cli import ClaudeCodeEngine, ClaudeCodeSettings, OpenCodeCLIEngine, OpenCodeCLISettings
-from bridge.engines.cli.claudecode import ClaudeTranslator, describe_result_error, run_cost, tool_output
-from bridge.engines.cli.common import _Run
-from bridge.engines.cli.opencode_cli import OpenCodeTranslator
-from bridge.engines.cli.process import CLIProcess, collect_tree, process_alive, run_capture
-from bridge.offline_model.configs import claude_env, opencode_provider_config
-from bridge.offline_model.server import OfflineModelServer
+from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, PromptRequest
+from ocbridge.bridge.engines.cli import ClaudeCodeEngine, ClaudeCodeSettings, OpenCodeCLIEngine, OpenCodeCLISettings
+from ocbridge.bridge.engines.cli.claudecode import ClaudeTranslator, describe_result_error, run_cost, tool_output
+from ocbridge.bridge.engines.cli.common import _Run
+from ocbridge.bridge.engines.cli.opencode_cli import OpenCodeTranslator
+from ocbridge.bridge.engines.cli.process import CLIProcess, collect_tree, process_alive, run_capture
+from ocbridge.bridge.offline_model.configs import claude_env, opencode_provider_config
+from ocbridge.bridge.offline_model.server import OfflineModelServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".tools" / "npm" / "node_modules" / ".bin"
 VENV_BIN = ROOT / ".venv" / "bin"
 SH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}

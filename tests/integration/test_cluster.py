@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SidecarProcess, unique_naming
 
-from client.client import CodingClient
+from ocbridge.client.client import CodingClient
+from support.stack import SidecarProcess, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SidecarProcess, sidecar_config, unique_naming
-from gitserver import GitHttpServer, git, make_remote
 from nats.js.errors import KeyNotFoundError
 
-from bridge.sidecar import Sidecar
-from client.client import CodingClient
-from client.kv import list_keys
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.client import CodingClient
+from ocbridge.client.kv import list_keys
+from support.gitserver import GitHttpServer, git, make_remote
+from support.stack import SidecarProcess, sidecar_config, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from gitserver import git, make_remote, write
 
-from bridge.gitops import GitSettings, begin, collect
+from ocbridge.bridge.workspace.git import GitSettings, begin, collect
+from support.gitserver import git, make_remote, write
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gitserver import GitHttpServer, Remote, git, make_remote
 
-from bridge.gitops import GitError, GitSettings, GitTimeout, commit, prepare, push
-from bridge.redact import Redactor
-from client.protocol import GitSpec
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.workspace.git import GitError, GitSettings, GitTimeout, commit, prepare, push
+from ocbridge.client.protocol.models import GitSpec
+from support.gitserver import GitHttpServer, Remote, git, make_remote
 
 CANARY = "canary-tok-7d41c9e0b2a8"
 SETTINGS = GitSettings(allowed_schemes=["http"])

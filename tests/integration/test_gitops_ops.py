@@ -6,10 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gitserver import Remote, git, make_remote, write
 
-from bridge.gitops import GitError, GitInputError, GitSettings, branch, commit, diff, push, run_op, status
-from client.protocol import GitOpRequest, GitOpResult
+from ocbridge.bridge.workspace.git import (
+    GitError,
+    GitInputError,
+    GitSettings,
+    branch,
+    commit,
+    diff,
+    push,
+    run_op,
+    status,
+)
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult
+from support.gitserver import Remote, git, make_remote, write
 
 SETTINGS = GitSettings(allow_file_urls=True, user_name="Bridge Bot", user_email="bot@example.com")
 

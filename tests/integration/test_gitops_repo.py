@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gitserver import Remote, git, make_remote
 
-from bridge.gitops import GitError, GitInputError, GitSettings, prepare
-from client.protocol import EventGit, GitSpec
+from ocbridge.bridge.workspace.git import GitError, GitInputError, GitSettings, prepare
+from ocbridge.client.protocol.models import EventGit, GitSpec
+from support.gitserver import Remote, git, make_remote
 
 SETTINGS = GitSettings(allow_file_urls=True)
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from gitserver import git, make_remote
 
-from bridge.gitops import (
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.workspace.git import (
     GitCredentials,
     GitError,
     GitInputError,
@@ -27,8 +27,8 @@ from bridge.gitops import (
     resolve_token,
     run_git,
 )
-from bridge.redact import Redactor
-from client.protocol import GitSpec
+from ocbridge.client.protocol.models import GitSpec
+from support.gitserver import git, make_remote
 
 PERMISSIVE = GitSettings(allow_file_urls=True, allowed_schemes=["https", "http", "ssh", "git"])
 

@@ -6,16 +6,16 @@ import uuid
 
 import nats
 import pytest
-from conftest import unique_naming
 
-from bridge.redact import Redactor
-from bridge.sessions import SessionStore
-from bridge.stores import NatsKeyValue
-from client.backends.nats import NatsBackend
-from client.client import CodingClient
-from client.connection import NatsOptions
-from client.kv import list_keys
-from client.protocol import SessionState, iso_now
+from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.sessions import SessionStore
+from ocbridge.bridge.storage.stores import NatsKeyValue
+from ocbridge.client.client import CodingClient
+from ocbridge.client.connection import NatsOptions
+from ocbridge.client.kv import list_keys
+from ocbridge.client.protocol.models import SessionState, iso_now
+from ocbridge.client.station.backends.nats import NatsBackend
+from support.stack import unique_naming
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import signal
 
 import pytest
 import yaml
-from conftest import SidecarProcess, sidecar_config, unique_naming
 
-from bridge.natsd import EmbeddedNats, free_port
-from bridge.sidecar import Sidecar
-from client.client import CodingClient
+from ocbridge.bridge.jetstream.natsd import EmbeddedNats, free_port
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.client import CodingClient
+from support.stack import SidecarProcess, sidecar_config, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

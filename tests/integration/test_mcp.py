@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import OCBRIDGE, require_tools, sidecar_config, unique_naming
-from gitserver import GitHttpServer, Remote, git, make_remote
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from test_backends_scenario import TOKEN, TOKEN_VAR, station_block
 
-from bridge.sidecar import Sidecar
-from client.tools import TOOL_DESCRIPTIONS, TOOL_NAMES, TOOL_SCHEMAS
+from ocbridge.bridge.sidecar import Sidecar
+from ocbridge.client.station.tools import TOOL_DESCRIPTIONS, TOOL_NAMES, TOOL_SCHEMAS
+from support.gitserver import GitHttpServer, Remote, git, make_remote
+from support.stack import OCBRIDGE, require_tools, sidecar_config, unique_naming
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +131,6 @@ def test_mcp_refuses_an_invalid_config_naming_the_key(tmp_path):
 
 
 def test_mcp_subcommand_is_registered():
-    proc = subprocess.run([sys.executable, "-m", "client.cli", "mcp", "--help"], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run([sys.executable, "-m", "ocbridge.client.cli", "mcp", "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0 and "--config" in proc.stdout

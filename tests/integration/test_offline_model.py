@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.offline_model import OfflineModelServer, claude_env, opencode_provider_config
-from bridge.offline_model.conversation import Conversation, Message, ToolSpec
-from bridge.offline_model.script import Reply, parse_prompt, respond, usage
+from ocbridge.bridge.offline_model import OfflineModelServer, claude_env, opencode_provider_config
+from ocbridge.bridge.offline_model.conversation import Conversation, Message, ToolSpec
+from ocbridge.bridge.offline_model.script import Reply, parse_prompt, respond, usage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".tools" / "npm" / "node_modules" / ".bin"
 VENV_BIN = ROOT / ".venv" / "bin"
 
@@ -349,7 +349,7 @@ async def run_proc(*argv: str, cwd: Path, env: dict[str, str], timeout: float = 
 
 async def test_cli_main_serves_until_sigterm(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.offline_model", "--port", "0", cwd=ROOT,
+        sys.executable, "-m", "ocbridge.bridge.offline_model", "--port", "0", cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:

@@ -20,18 +20,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.engines.base import AgentEvent, EngineError, PromptRequest
-from bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
-from bridge.engines.opencode.api import OpenCodeAPI, new_message_id
-from bridge.engines.opencode.events import SSEParser, parse_global
-from bridge.engines.opencode.server import check_version
-from bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
-from client.protocol import ModelRef
+from ocbridge.bridge.engines.base import AgentEvent, EngineError, PromptRequest
+from ocbridge.bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
+from ocbridge.bridge.engines.opencode.api import OpenCodeAPI, new_message_id
+from ocbridge.bridge.engines.opencode.events import SSEParser, parse_global
+from ocbridge.bridge.engines.opencode.server import check_version
+from ocbridge.bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
+from ocbridge.client.protocol.models import ModelRef
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPENCODE = ROOT / ".tools/npm/node_modules/.bin/opencode"
 # Real payloads captured from OpenCode 1.18.33 (copied from the shared reference samples).
-SAMPLES = Path(__file__).resolve().parent / "data"
+SAMPLES = Path(__file__).resolve().parents[1] / "support" / "data"
 SAMPLE_SESSION = "ses_e036746dfffeENocylOyHXO5y5"
 
 
@@ -229,7 +229,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 async def model() -> AsyncIterator[str]:
-    from bridge.offline_model.server import OfflineModelServer
+    from ocbridge.bridge.offline_model.server import OfflineModelServer
 
     server = OfflineModelServer()
     url = await server.start()
@@ -238,7 +238,7 @@ async def model() -> AsyncIterator[str]:
 
 
 def settings_for(model_url: str, state_dir: Path, **overrides: Any) -> OpenCodeSettings:
-    from bridge.offline_model.configs import opencode_provider_config
+    from ocbridge.bridge.offline_model.configs import opencode_provider_config
 
     if not OPENCODE.exists():
         pytest.fail("opencode is not installed: run scripts/setup")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.protocol import StreamEvent, TaskResult
+from ocbridge.client.protocol.models import StreamEvent, TaskResult
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bridge.config import ConfigError, load_config
+from ocbridge.bridge.config import ConfigError, load_config
 
 
 def test_defaults_then_file_then_env_then_flags(tmp_path):

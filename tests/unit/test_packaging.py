@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from bridge.config import load_config
+from ocbridge.bridge.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dockerfile_copies_existing_sources_and_pins_the_tested_opencode():

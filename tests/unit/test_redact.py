@@ -2,7 +2,7 @@
 
 import logging
 
-from bridge.redact import MASK, RedactingFilter, Redactor
+from ocbridge.bridge.redact import MASK, RedactingFilter, Redactor
 
 
 def test_registered_secret_masked_in_nested_data():

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config
-from client.backends.factory import backend_from_config
-from client.backends.local import LocalBackend, local_bridge_config
-from client.backends.nats import NatsBackend
-from client.station_config import (
+from ocbridge.bridge.config import load_config
+from ocbridge.bridge.inprocess.backends import LocalBackend, local_bridge_config
+from ocbridge.client.station.backends.factory import backend_from_config
+from ocbridge.client.station.backends.nats import NatsBackend
+from ocbridge.client.station.config import (
     ENV_OVERRIDES,
     StationConfigError,
     default_config_path,
     load_station_config,
     station_naming,
 )
-from client.tools import defaults_from_config
+from ocbridge.client.station.tools import defaults_from_config
 
 FULL = """
 ai_provider: openai          # a whole Station config: other blocks are ignored

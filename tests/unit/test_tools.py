@@ -10,8 +10,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 
-from client.backends.base import CodingBackend
-from client.protocol import (
+from ocbridge.client.protocol.models import (
     FileChange,
     GitOpRequest,
     GitOpResult,
@@ -23,7 +22,8 @@ from client.protocol import (
     TaskResult,
     ToolInfo,
 )
-from client.tools import (
+from ocbridge.client.station.backends.base import CodingBackend
+from ocbridge.client.station.tools import (
     TOOL_MODELS,
     TOOL_NAMES,
     TOOL_SCHEMAS,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bridge.workspace import WorkspaceError, open_workspace, resolve_workspace_path
+from ocbridge.bridge.workspace.paths import WorkspaceError, open_workspace, resolve_workspace_path
 
 
 def test_bare_names_and_paths_inside_the_root(tmp_path):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
-from bridge.procutil import INHERITED_ENV, inherited_environment
+from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
+from ocbridge.bridge.engines.proc import INHERITED_ENV, inherited_environment
 
 from .process import CLIProcess, run_capture
 

@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
-from bridge.engines.opencode.settings import (
+from ocbridge.bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.opencode.settings import (
     DEFAULT_PERMISSION,
     OFFLINE_SWITCHES,
     opencode_home_env,
     prepare_opencode_home,
 )
-from bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
-from client.mappings import deep_merge
-from client.protocol import ToolInfo
+from ocbridge.bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
+from ocbridge.client.mappings import deep_merge
+from ocbridge.client.protocol.models import ToolInfo
 
 from .common import (
     JSON,

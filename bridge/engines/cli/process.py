@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from bridge.engines.base import EngineError
+from ocbridge.bridge.engines.base import EngineError
 
 log = logging.getLogger(__name__)
 

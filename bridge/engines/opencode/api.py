@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from bridge.engines.base import EngineError
+from ocbridge.bridge.engines.base import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.engines.base import Engine, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.base import Engine, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
 
 from .api import OpenCodeAPI, ServerUnreachable, new_message_id
 from .directories import DirectoryTracker, dir_key

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.engines.base import EngineError
+from ocbridge.bridge.engines.base import EngineError
 
 from .api import OpenCodeAPI
 

@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Literal
 
-from bridge.engines.base import EngineError
-from bridge.procutil import PROVIDER_ENV, die_with_parent, inherited_environment
+from ocbridge.bridge.engines.base import EngineError
+from ocbridge.bridge.engines.proc import PROVIDER_ENV, die_with_parent, inherited_environment
 
 from .api import OpenCodeAPI
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, prepare_opencode_home

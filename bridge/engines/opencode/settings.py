@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from client.mappings import deep_merge
+from ocbridge.client.mappings import deep_merge
 
 PermissionPolicy = Literal["allow", "deny"]
 

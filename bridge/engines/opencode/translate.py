@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.engines.base import AgentEvent, RunOutcome
-from client.protocol import ToolInfo
+from ocbridge.bridge.engines.base import AgentEvent, RunOutcome
+from ocbridge.client.protocol.models import ToolInfo
 
 JSON = dict[str, Any]
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from client.protocol import FileChange, ResultGit
+from ocbridge.bridge.redact import Redactor
+from ocbridge.client.protocol.models import FileChange, ResultGit
 
-from ..redact import Redactor
 from . import snapshot
 from .errors import GitError
 from .repo import current_branch, head_commit, is_repo

@@ -3,7 +3,7 @@ logs or publishes it later cannot leak a token that git echoed back."""
 
 from __future__ import annotations
 
-from ..redact import Redactor, default_redactor
+from ocbridge.bridge.redact import Redactor, default_redactor
 
 
 class GitError(Exception):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.protocol import GitOpRequest, GitOpResult
+from ocbridge.bridge.redact import Redactor, default_redactor
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult
 
-from ..redact import Redactor, default_redactor
 from .changes import changes_since, diff_trees, empty_tree
 from .errors import GitError, GitInputError
 from .repo import current_branch, has_ref, head_commit, is_repo, remote_url, remotes, upstream

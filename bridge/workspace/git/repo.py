@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..redact import Redactor
+from ocbridge.bridge.redact import Redactor
+
 from .runner import run_git
 from .settings import GitSettings
 

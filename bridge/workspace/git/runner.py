@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from ..redact import Redactor, default_redactor
+from ocbridge.bridge.redact import Redactor, default_redactor
+
 from .errors import GitError, GitTimeout
 from .settings import GitSettings
 

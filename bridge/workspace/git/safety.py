@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from ..redact import Redactor
+from ocbridge.bridge.redact import Redactor
+
 from .errors import GitInputError
 from .runner import run_git
 from .settings import GitSettings

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from client.protocol import EventGit
+from ocbridge.bridge.redact import Redactor, default_redactor
+from ocbridge.client.protocol.models import EventGit
 
-from ..redact import Redactor, default_redactor
 from .errors import GitError
 from .repo import (
     current_branch,

@@ -1,5 +1,5 @@
 """Backends: where Station's coding tools send their work. One interface, one result shape."""
 
-from .base import BACKEND_NAMES, CodingBackend, EventCallback
+from .base import BACKEND_NAMES, LOCAL_ENGINES, CodingBackend, EventCallback
 
-__all__ = ["BACKEND_NAMES", "CodingBackend", "EventCallback"]
+__all__ = ["BACKEND_NAMES", "LOCAL_ENGINES", "CodingBackend", "EventCallback"]

@@ -11,10 +11,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 
-from ..protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
+from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
 
+#: Backends that run the sidecar's pipeline in this process, each named after the engine it uses.
+LOCAL_ENGINES = ("opencode", "opencode-cli", "claudecode")
 #: Station's ``coding.backend`` values.
-BACKEND_NAMES = ("opencode-nats", "opencode", "opencode-cli", "claudecode")
+BACKEND_NAMES = ("opencode-nats", *LOCAL_ENGINES)
 
 EventCallback = Callable[[StreamEvent], Awaitable[None]]
 

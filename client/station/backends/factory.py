@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..connection import NatsOptions
-from ..station_config import StationCodingConfig, station_naming
-from .base import CodingBackend
-from .local import LOCAL_ENGINES, LocalBackend
+from ocbridge.client.connection import NatsOptions
+from ocbridge.client.station.config import StationCodingConfig, station_naming
+
+from ... import _sidecar
+from .base import LOCAL_ENGINES, CodingBackend
 from .nats import BackendError, NatsBackend
 
 __all__ = ["BackendError", "backend_from_config", "nats_backend"]
@@ -39,5 +40,5 @@ def backend_from_config(config: StationCodingConfig) -> CodingBackend:
     if config.backend == "opencode-nats":
         return nats_backend(config)
     if config.backend in LOCAL_ENGINES:
-        return LocalBackend.from_station(config)
+        return _sidecar.in_process_backend(config)
     raise ValueError(f"unknown backend {config.backend!r}")  # pragma: no cover - validated by the config

@@ -14,10 +14,19 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError
 
-from ..client import CodingClient
-from ..connection import NatsOptions
-from ..naming import Naming
-from ..protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskCallback, TaskResult, TaskStatus
+from ocbridge.client.client import CodingClient
+from ocbridge.client.connection import NatsOptions
+from ocbridge.client.protocol.models import (
+    GitOpRequest,
+    GitOpResult,
+    SessionState,
+    Task,
+    TaskCallback,
+    TaskResult,
+    TaskStatus,
+)
+from ocbridge.client.protocol.naming import Naming
+
 from .base import CodingBackend, EventCallback
 
 

@@ -27,9 +27,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from ..backends.base import CodingBackend
-from ..naming import Naming
-from ..protocol import (
+from ocbridge.client.protocol.models import (
     CleanupPolicy,
     GitOpRequest,
     GitOpResult,
@@ -40,6 +38,9 @@ from ..protocol import (
     TaskCallback,
     WorkspaceSpec,
 )
+from ocbridge.client.protocol.naming import Naming
+
+from ..backends.base import CodingBackend
 from .models import (
     TOOL_MODELS,
     CodeInput,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ocbridge.client.station.config import StationCodingConfig
+
 from ..backends.factory import backend_from_config
-from ..station_config import StationCodingConfig
 from .coding import CodingTools, ToolDefaults
 
 

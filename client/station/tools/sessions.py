@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..protocol import SessionState
+from ocbridge.client.protocol.models import SessionState
 
 #: Candidates listed in an error message at most.
 _MAX_LISTED = 10

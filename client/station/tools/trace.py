@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..protocol import EventType, StreamEvent, TaskResult
+from ocbridge.client.protocol.models import EventType, StreamEvent, TaskResult
+
 from .models import Trace, TraceTokens, TraceToolCall
 
 

@@ -1,0 +1,2 @@
+"""Workspaces: folders confined under the root, getting them ready (git, input files), reporting
+what a task changed, and deleting them when their policy says so."""

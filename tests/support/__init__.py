@@ -1,0 +1,1 @@
+"""Test helpers (not tests): git server, stack helpers, sample data."""
