@@ -32,7 +32,7 @@ from pathlib import Path
 from ocbridge.bridge.config import load_config
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.sidecar import Sidecar
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 from ocbridge.client.station.config import load_station_config
 from ocbridge.client.station.tools import CodingTools, tools_from_config
 

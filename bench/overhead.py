@@ -30,7 +30,7 @@ from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.offline_model.configs import opencode_provider_config
 from ocbridge.bridge.offline_model.server import OfflineModelServer
 from ocbridge.client.client import CodingClient
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ocbridge.bridge.workspace.git import GitSettings, begin, collect, prepare
 from ocbridge.bridge.workspace.git.repo import is_dirty
-from ocbridge.client.protocol.models import GitSpec
+from ocbridge.client.protocol import GitSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

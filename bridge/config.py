@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ocbridge.bridge.workspace.git.settings import GitSettings
 from ocbridge.client.connection import NatsOptions
 from ocbridge.client.mappings import deep_merge, set_path
-from ocbridge.client.protocol.models import CleanupPolicy
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError
 
 ENV_PREFIX = "OCBRIDGE_"
 
@@ -45,7 +44,7 @@ ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(OcbridgeError, ValueError):
     """Invalid configuration; the message names the offending key."""
 
 

@@ -1,7 +1,6 @@
 """Thin client for opencode-bridge: publish coding tasks, stream their events, await or cancel them."""
 
-from ocbridge.client.protocol.models import SessionState, StreamEvent, Task, TaskResult, TaskStatus
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming, SessionState, StreamEvent, Task, TaskResult, TaskStatus
 
 from .client import CodingClient
 from .handle import TaskHandle

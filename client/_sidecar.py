@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .protocol import OcbridgeError
+
 if TYPE_CHECKING:
     from .station.backends.base import CodingBackend
     from .station.config import StationCodingConfig
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'opencode-bridge[bridge]'"
 
 
-class SidecarUnavailable(ImportError):
+class SidecarUnavailable(OcbridgeError, ImportError):
     """The sidecar's extras are not installed; the message says how to install them."""
 
 

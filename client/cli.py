@@ -15,8 +15,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from ocbridge.client.protocol.models import SessionState, StreamEvent, Task, TaskRecord, TaskResult, TaskStatus
-from ocbridge.client.protocol.naming import naming_from_env
+from ocbridge.client.protocol import (
+    SessionState,
+    StreamEvent,
+    Task,
+    TaskRecord,
+    TaskResult,
+    TaskStatus,
+    naming_from_env,
+)
 
 from . import _sidecar
 from .client import CodingClient

@@ -9,12 +9,13 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
-from ocbridge.client.protocol.models import (
+from ocbridge.client.protocol import (
     CancelRequest,
     GitOpRequest,
     GitOpResult,
     GitSpec,
     ModelRef,
+    Naming,
     SessionSpec,
     SessionState,
     Task,
@@ -23,13 +24,13 @@ from ocbridge.client.protocol.models import (
     TaskResult,
     WorkspaceSpec,
     cancel_key,
+    kv_key,
     record_key,
 )
-from ocbridge.client.protocol.naming import Naming
 
 from .connection import NatsOptions, connect
 from .handle import TaskHandle
-from .kv import get_json, kv_key, list_keys
+from .kv import get_json, list_keys
 from .streams import ensure_task_stream
 
 

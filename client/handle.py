@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from ocbridge.client.protocol.models import StreamEvent, TaskRecord, TaskResult, ValidationError, record_key
+from ocbridge.client.protocol import StreamEvent, TaskRecord, TaskResult, ValidationError, record_key
 
 from .kv import get_json
 

@@ -1,46 +1,33 @@
-"""Small helpers over NATS KV: key encoding and JSON values."""
+"""Small helpers over NATS KV: JSON values and key listings (key rules are in :mod:`.protocol.keys`)."""
 
 from __future__ import annotations
 
-import base64
 import json
-import re
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-_VALID_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 
-
-def kv_key(name: str) -> str:
-    """A KV key for an arbitrary name: the name itself when valid (what Station reads), else encoded."""
-    if _VALID_KEY.match(name) and not name.startswith("b64="):
-        return name
-    return "b64=" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
-
-
-def kv_name(key: str) -> str:
-    """Inverse of :func:`kv_key`."""
-    if key.startswith("b64="):
-        raw = key[4:]
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-    return key
+def json_object(raw: bytes | None) -> dict[str, Any] | None:
+    """A stored value as a JSON object; ``None`` when absent, empty, not JSON or not an object."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def get_json(kv: KeyValue, key: str) -> dict[str, Any] | None:
+    """The JSON object stored under ``key``, or ``None`` (see :func:`json_object`)."""
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:
         return None
-    if entry is None or not entry.value:
-        return None
-    try:
-        value = json.loads(entry.value)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    return json_object(entry.value if entry is not None else None)
 
 
 async def list_keys(js: JetStreamContext, bucket: str) -> list[str]:

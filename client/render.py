@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ocbridge.client.protocol.models import StreamEvent, TaskResult, TaskStatus
+from ocbridge.client.protocol import StreamEvent, TaskResult, TaskStatus
 
 _COLORS = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0
 

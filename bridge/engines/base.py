@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ocbridge.client.protocol.models import ModelRef, ToolInfo
+from ocbridge.client.protocol import ErrorType, ModelRef, OcbridgeError, ToolInfo
 
 AgentEventKind = Literal["text", "thinking", "tool_start", "tool_end"]
 
@@ -64,19 +64,20 @@ class RunOutcome:
     message_count: int = 0
     aborted: bool = False
     error: str | None = None
-    error_type: str | None = None
+    error_type: ErrorType | str | None = None
     files_edited: list[str] = field(default_factory=list)
     #: The engine's real session id when it only became known during the run (CLI engines create
     #: sessions on first use); ``None`` when it is the one passed in.
     session_id: str | None = None
 
 
-class EngineError(Exception):
+class EngineError(OcbridgeError):
     """An engine could not do what was asked (server down, bad answer, unknown session...)."""
 
-    def __init__(self, message: str, *, error_type: str = "engine_error") -> None:
-        super().__init__(message)
-        self.error_type = error_type
+    default_error_type = ErrorType.ENGINE_ERROR
+
+    def __init__(self, message: str, *, error_type: ErrorType | str | None = None) -> None:
+        super().__init__(message, error_type)
 
 
 class Engine(abc.ABC):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ocbridge.client.mappings import deep_merge
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
+from ocbridge.client.protocol import GitOpRequest, GitOpResult, SessionState, Task, TaskResult
 from ocbridge.client.station.backends.base import LOCAL_ENGINES, CodingBackend, EventCallback
 from ocbridge.client.station.backends.nats import BackendError
 from ocbridge.client.station.config import StationCodingConfig, StationConfigError

@@ -16,7 +16,7 @@ from ocbridge.bridge.engines.factory import EngineHost
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
 from ocbridge.bridge.redact import Redactor, default_redactor
 from ocbridge.bridge.storage.stores import FolderArtifacts, FolderKeyValue
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
+from ocbridge.client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
 
 EventCallback = Callable[[StreamEvent], Awaitable[None]]
 

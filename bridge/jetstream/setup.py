@@ -17,7 +17,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from ocbridge.bridge.config import JetStreamSettings
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -27,57 +26,27 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from ocbridge.bridge.config import BridgeConfig
-from ocbridge.bridge.jetstream.setup import Buckets
 from ocbridge.bridge.pipeline.runtime import Runtime
 from ocbridge.bridge.redact import Redactor
 from ocbridge.client.kv import get_json
-from ocbridge.client.protocol.models import (
-    GitOpRequest,
-    GitOpResult,
+from ocbridge.client.protocol import (
+    ErrorType,
     Task,
     TaskRecord,
     TaskResult,
     TaskStatus,
     cancel_key,
+    describe_validation_error,
+    is_concrete_subject,
     record_key,
 )
 
+from .cancel import CancelRegistry
+from .deadletter import DeadLetters
+from .ops_server import OpsServer
+from .setup import Buckets
+
 log = logging.getLogger(__name__)
-
-
-class CancelRegistry:
-    """Cancel requests heard on the cancel subject, matched to running (or later) tasks."""
-
-    def __init__(self, ttl: float = 3600.0) -> None:
-        self._ttl = ttl
-        self._requested: dict[str, float] = {}
-        self._running: dict[str, asyncio.Event] = {}
-
-    def request(self, task_id: str) -> bool:
-        """Record a cancel; returns True when the task runs here."""
-        now = time.monotonic()
-        self._requested = {k: t for k, t in self._requested.items() if now - t < self._ttl}
-        self._requested[task_id] = now
-        event = self._running.get(task_id)
-        if event is not None:
-            event.set()
-            return True
-        return False
-
-    def start(self, task_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        if task_id in self._requested:
-            event.set()
-        self._running[task_id] = event
-        return event
-
-    def finish(self, task_id: str) -> None:
-        self._running.pop(task_id, None)
-        self._requested.pop(task_id, None)
-
-    @property
-    def running(self) -> list[str]:
-        return list(self._running)
 
 
 class Worker:
@@ -100,7 +69,6 @@ class Worker:
         self._stream = stream
         self._buckets = buckets
         self._pipeline = runtime.pipeline
-        self._ops = runtime.ops
         self._config = config
         self._naming = config.naming
         self._redactor = redactor
@@ -110,17 +78,16 @@ class Worker:
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
-        self._ops_sub: Any = None
-        self._op_tasks: set[asyncio.Task[None]] = set()
         self.cancels = CancelRegistry()
+        self._ops = OpsServer(nc, runtime.ops, redactor)
+        self._dead_letters = DeadLetters(js, self._naming.dead_letter, redactor)
 
     async def start(self) -> None:
         self._sub = await self._js.pull_subscribe_bind(
             durable=self._naming.consumer_name, stream=self._stream
         )
-        self._cancel_sub = await self._nc.subscribe(self._naming.cancel_root + ".>", cb=self._on_cancel)
-        # Any sidecar may answer an operation: workspaces live on a volume all of them share.
-        self._ops_sub = await self._nc.subscribe(self._naming.ops_subject, queue="ocbridge-ops", cb=self._on_op)
+        self._cancel_sub = await self.cancels.listen(self._nc, self._naming.cancel_root)
+        await self._ops.start(self._naming.ops_subject, self._naming.ops_queue)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="ocbridge-fetch")
         log.info(
             "sidecar %s consuming %s (stream %s, concurrency %d)",
@@ -141,18 +108,12 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=15)
-        for sub in (self._cancel_sub, self._ops_sub):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if self._op_tasks:
-            await asyncio.wait(set(self._op_tasks), timeout=grace)
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel_sub.unsubscribe()
+        await self._ops.stop(grace)
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
-
-    @property
-    def busy(self) -> int:
-        return len(self._handlers)
 
     # ---------------------------------------------------------------------------------- fetching
 
@@ -182,33 +143,6 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("task handler crashed: %s", self._redactor.text(repr(task.exception())))
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        task_id = msg.subject[len(self._naming.cancel_root) + 1 :]
-        if task_id and self.cancels.request(task_id):
-            log.info("task %s: cancel requested", task_id)
-
-    async def _on_op(self, msg: Msg) -> None:
-        # Operations (a clone, a push) can take minutes: never block the subscription on one.
-        task = asyncio.create_task(self._answer_op(msg))
-        self._op_tasks.add(task)
-        task.add_done_callback(self._op_tasks.discard)
-
-    async def _answer_op(self, msg: Msg) -> None:
-        try:
-            request = GitOpRequest.from_wire(msg.data)
-        except (ValidationError, ValueError) as exc:
-            problems = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
-            # ``op`` is required on the wire; an unreadable request is reported as a status failure.
-            result = GitOpResult(ok=False, op="status", error=f"invalid operation: {problems}",
-                                 errorType="invalid_task")
-        else:
-            log.info("operation %s on %s", request.op, request.session or request.workspace)
-            result = await self._ops.handle(request)
-        if msg.reply:
-            payload = self._redactor.data(result.to_dict())
-            with contextlib.suppress(Exception):
-                await msg.respond(json.dumps(payload, separators=(",", ":")).encode())
-
     # ---------------------------------------------------------------------------------- handling
 
     async def _handle(self, msg: Msg) -> None:
@@ -218,7 +152,7 @@ class Worker:
             if not isinstance(raw, dict):
                 raise ValueError("task must be a JSON object")
         except ValueError as exc:
-            await self._dead_letter(msg, f"not a JSON object: {exc}")
+            await self._dead_letters.send(msg, f"not a JSON object: {exc}")
             return
         try:
             task = Task.from_wire(raw)
@@ -234,7 +168,7 @@ class Worker:
             return
         if attempt > self._config.jetstream.max_attempts:
             error = f"task failed {attempt - 1} delivery attempts (a sidecar died while running it)"
-            result = self._error_result(task_id, error, "redelivery_exhausted")
+            result = self._error_result(task_id, error, ErrorType.REDELIVERY_EXHAUSTED)
             await self._finish(msg, task, result, attempt, term=True)
             return
 
@@ -246,7 +180,7 @@ class Worker:
         keepalive = asyncio.create_task(self._keep_alive(msg))
         try:
             if cancel.is_set():
-                result = self._error_result(task_id, "task cancelled before it started", "cancelled")
+                result = self._error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
             else:
                 result = await self._pipeline.run(task, cancel)
@@ -294,50 +228,20 @@ class Worker:
         payload = self._redactor.data(record.to_dict())
         await self._buckets.tasks.put(record_key(record.task_id), json.dumps(payload).encode())
 
-    def _error_result(self, task_id: str, error: str, error_type: str) -> TaskResult:
+    def _error_result(self, task_id: str, error: str, error_type: ErrorType) -> TaskResult:
         return TaskResult(taskID=task_id, status=TaskStatus.ERROR, result=error, error=error, errorType=error_type)
 
     async def _reject(self, msg: Msg, raw: dict[str, Any], exc: ValidationError) -> None:
         """An invalid task: error result when we know where to send it, else dead letter."""
-        problems = _problems(exc)
+        problems = describe_validation_error(exc)
         callback = raw.get("callback")
         result_subject = callback.get("resultSubject") if isinstance(callback, dict) else None
         task_id = raw.get("taskID") if isinstance(raw.get("taskID"), str) else None
-        if not isinstance(result_subject, str) or not result_subject or not _valid_subject(result_subject):
-            await self._dead_letter(msg, f"invalid task and no result subject: {problems}")
+        if not isinstance(result_subject, str) or not result_subject or not is_concrete_subject(result_subject):
+            await self._dead_letters.send(msg, f"invalid task and no result subject: {problems}")
             return
         task_id = task_id or result_subject.rsplit(".", 1)[-1]
         log.warning("task %s rejected: %s", task_id, self._redactor.text(problems))
-        result = self._error_result(task_id, f"invalid task: {problems}", "invalid_task")
+        result = self._error_result(task_id, f"invalid task: {problems}", ErrorType.INVALID_TASK)
         await self._publish_result(result_subject, result)
         await msg.ack()
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        reason = self._redactor.text(reason)
-        preview = self._redactor.text(msg.data[:200].decode("utf-8", "replace"))
-        log.error("dead-lettering message %s: %s; payload starts %r", _seq(msg), reason, preview)
-        try:
-            await self._js.publish(
-                self._naming.dead_letter,
-                # Kept for inspection, minus anything that looks like a credential.
-                self._redactor.text(msg.data.decode("utf-8", "replace")).encode(),
-                headers={"Ocbridge-Reason": reason[:500], "Ocbridge-Subject": msg.subject},
-                timeout=5,
-            )
-        except Exception as exc:
-            log.error("dead-letter publish failed: %s", exc)
-        await msg.term()
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False))
-
-
-def _seq(msg: Msg) -> str:
-    with contextlib.suppress(Exception):
-        return f"#{msg.metadata.sequence.stream}"
-    return "?"
-
-
-def _valid_subject(subject: str) -> bool:
-    return all(token and token not in ("*", ">") and " " not in token for token in subject.split("."))

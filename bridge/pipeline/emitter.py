@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ocbridge.bridge.redact import Redactor
-from ocbridge.client.protocol.models import EventType, StreamEvent, ToolInfo, iso_now
+from ocbridge.client.protocol import EventType, StreamEvent, ToolInfo, iso_now
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ocbridge.bridge.engines.base import Engine, EngineError
+from ocbridge.bridge.engines.base import Engine
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
-from ocbridge.bridge.workspace.git import GitError, run_op, status
+from ocbridge.bridge.workspace.git import run_op, status
 from ocbridge.bridge.workspace.git.repo import remote_url
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
 from ocbridge.bridge.workspace.prepare import WorkspaceFailure, WorkspaceFlow
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionGit, SessionState, iso_now
+from ocbridge.client.protocol import (
+    ErrorType,
+    GitOpRequest,
+    GitOpResult,
+    OcbridgeError,
+    SessionGit,
+    SessionState,
+    error_type_of,
+    iso_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +58,13 @@ class OpsHandler:
                 if request.op == "close":
                     return await self._close(request, path, state)
                 return await self._git(request, path, state)
-        except (WorkspaceFailure, EngineError, GitError) as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            return self._failed(request, message, exc.error_type)
+        except OcbridgeError as exc:
+            return self._failed(request, exc.message, exc.error_type)
         except Exception as exc:
             log.exception("operation %s failed", request.op)
-            return self._failed(request, f"internal error: {exc}", "internal_error")
+            return self._failed(request, f"internal error: {exc}", error_type_of(exc))
 
-    def _failed(self, request: GitOpRequest, message: str, error_type: str) -> GitOpResult:
+    def _failed(self, request: GitOpRequest, message: str, error_type: ErrorType | str) -> GitOpResult:
         return GitOpResult(
             ok=False, op=request.op, session=request.session, branch=request.branch, remote=request.remote,
             error=self._redactor.text(message), errorType=error_type,
@@ -67,22 +75,22 @@ class OpsHandler:
         if request.session:
             state = await self._sessions.get(request.session)
             if state is None:
-                raise WorkspaceFailure(f"no session named {request.session!r}", "invalid_task")
+                raise WorkspaceFailure(f"no session named {request.session!r}", ErrorType.INVALID_TASK)
             if state.closed:
                 raise WorkspaceFailure(f"session {request.session!r} is closed: open it again to continue",
-                                       "invalid_task")
+                                       ErrorType.INVALID_TASK)
             return Path(state.workspace_path), state
         if request.workspace:
             path = self._flow.path_of(request.workspace)
             if not path.is_dir():
-                raise WorkspaceFailure(f"no workspace named {request.workspace!r}", "invalid_task")
+                raise WorkspaceFailure(f"no workspace named {request.workspace!r}", ErrorType.INVALID_TASK)
             return path, None
-        raise WorkspaceFailure(f"{request.op}: 'session' or 'workspace' is required", "invalid_task")
+        raise WorkspaceFailure(f"{request.op}: 'session' or 'workspace' is required", ErrorType.INVALID_TASK)
 
     async def _open(self, request: GitOpRequest) -> GitOpResult:
         name = request.session
         if not name:
-            raise WorkspaceFailure("open: 'session' is required", "invalid_task")
+            raise WorkspaceFailure("open: 'session' is required", ErrorType.INVALID_TASK)
         async with self._sessions.lock(name):
             workspace = self._flow.open(request.workspace or name)
             await self._janitor.touch(
@@ -92,32 +100,19 @@ class OpsHandler:
             if request.git is not None:
                 with self._janitor.using(workspace.path):
                     repo = await self._flow.clone_or_pull(workspace, request.git, None)
-            previous = await self._sessions.get(name)
-            existing = None
-            if previous is not None and Path(previous.workspace_path) == workspace.path:
-                existing = previous.opencode_id or None
-            handle = await self._engine.open_session(workspace.path, request.title or name, existing)
-            await self._engine.release(workspace.path)
-            reused = previous is not None and not handle.created
-            state = SessionState(
-                sessionName=name,
-                opencodeID=handle.id,
-                workspaceName=request.workspace or name,
-                workspacePath=str(workspace.path),
-                created=previous.created if reused and previous else iso_now(),
-                lastUsed=iso_now(),
-                messageCount=previous.message_count if reused and previous else 0,
-                git=SessionGit(url=repo.url, branch=repo.branch, lastCommit=repo.commit) if repo else (
-                    previous.git if reused and previous else None),
-                engine=self._engine.name,
-                title=request.title or (previous.title if previous else None),
-            )
-            await self._sessions.put(state)
+            try:
+                state, _ = await self._sessions.open_or_continue(
+                    self._engine, name=name, workspace_name=request.workspace or name, path=workspace.path,
+                    title=request.title,
+                    git=SessionGit(url=repo.url, branch=repo.branch, lastCommit=repo.commit) if repo else None,
+                )
+            finally:
+                await self._engine.release(workspace.path)
             return GitOpResult(
                 ok=True,
                 op="open",
                 session=name,
-                opencodeID=handle.id or None,
+                opencodeID=state.opencode_id or None,
                 workspacePath=str(workspace.path),
                 repoCloned=repo is not None and repo.action == "cloned",
                 managed=True,

@@ -12,19 +12,20 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ocbridge.bridge.config import BridgeConfig
-from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome
+from ocbridge.bridge.engines.base import AgentEvent, Engine, PromptRequest, RunOutcome
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.workspace.git import ChangeSet, RepoState
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
 from ocbridge.bridge.workspace.paths import Workspace
-from ocbridge.bridge.workspace.prepare import WorkspaceFailure, WorkspaceFlow
-from ocbridge.client.protocol.models import (
+from ocbridge.bridge.workspace.prepare import WorkspaceFlow
+from ocbridge.client.protocol import (
+    ErrorType,
     EventSession,
     EventType,
+    OcbridgeError,
     ResultMetrics,
     ResultSession,
     ResultWorkspace,
@@ -33,6 +34,7 @@ from ocbridge.client.protocol.models import (
     Task,
     TaskResult,
     TaskStatus,
+    error_type_of,
     iso_now,
 )
 
@@ -87,17 +89,19 @@ class TaskPipeline:
             flush_interval=self._config.text_flush_interval,
         )
         progress = _Progress()
-        status, error, error_type = TaskStatus.COMPLETED, None, None
+        status, error = TaskStatus.COMPLETED, None
+        error_type: ErrorType | str | None = None
         try:
             async with self._sessions.lock(task.session.name):
                 status = await self._run_locked(task, cancel, emitter, progress)
             outcome = progress.outcome
             if status == TaskStatus.COMPLETED and outcome.error:
-                status, error, error_type = TaskStatus.ERROR, outcome.error, outcome.error_type or "engine_error"
+                status, error = TaskStatus.ERROR, outcome.error
+                error_type = outcome.error_type or ErrorType.ENGINE_ERROR
             elif status == TaskStatus.TIMEOUT:
-                error, error_type = f"task timed out after {self._timeout(task):.0f}s", "timeout"
+                error, error_type = f"task timed out after {self._timeout(task):.0f}s", ErrorType.TIMEOUT
             elif status == TaskStatus.CANCELLED:
-                error, error_type = "task cancelled", "cancelled"
+                error, error_type = "task cancelled", ErrorType.CANCELLED
         except asyncio.CancelledError:
             # The sidecar is shutting down past its grace period: stop the agent, let the worker
             # hand the task back for redelivery (no result from this attempt).
@@ -107,11 +111,11 @@ class TaskPipeline:
                         asyncio.shield(self._engine.abort(progress.workspace.path, progress.session_id)), 5
                     )
             raise
-        except (WorkspaceFailure, EngineError) as exc:
-            status, error, error_type = TaskStatus.ERROR, str(exc), exc.error_type
+        except OcbridgeError as exc:
+            status, error, error_type = TaskStatus.ERROR, exc.message, exc.error_type
         except Exception as exc:
             log.exception("task %s failed unexpectedly", task.task_id)
-            status, error, error_type = TaskStatus.ERROR, f"internal error: {exc}", "internal_error"
+            status, error, error_type = TaskStatus.ERROR, f"internal error: {exc}", error_type_of(exc)
         finally:
             if progress.workspace is not None:
                 with contextlib.suppress(Exception):
@@ -177,31 +181,15 @@ class TaskPipeline:
     async def _open_session(
         self, task: Task, workspace: Workspace, emitter: EventEmitter, progress: _Progress
     ) -> SessionState:
-        previous = await self._sessions.get(task.session.name) if task.session.reuse else None
-        existing_id = None
-        if previous is not None and Path(previous.workspace_path) == workspace.path:
-            existing_id = previous.opencode_id or None
-        handle = await self._engine.open_session(workspace.path, task.session.name, existing_id)
-        progress.session_id = handle.id
-        # A session opened by the ``open`` operation counts as reused even before its first prompt.
-        reused = previous is not None and (not handle.created or handle.id == previous.opencode_id)
+        state, reused = await self._sessions.open_or_continue(
+            self._engine, name=task.session.name, workspace_name=task.workspace.name, path=workspace.path,
+            reuse=task.session.reuse,
+        )
+        progress.session_id = state.opencode_id
         await emitter.emit(
             EventType.SESSION_REUSED if reused else EventType.SESSION_CREATED,
-            session=EventSession(name=task.session.name, opencodeID=handle.id or None),
+            session=EventSession(name=task.session.name, opencodeID=state.opencode_id or None),
         )
-        state = SessionState(
-            sessionName=task.session.name,
-            opencodeID=handle.id,
-            workspaceName=task.workspace.name,
-            workspacePath=str(workspace.path),
-            created=previous.created if reused and previous else iso_now(),
-            lastUsed=iso_now(),
-            messageCount=previous.message_count if reused and previous else 0,
-            git=previous.git if reused and previous else None,
-            engine=self._engine.name,
-            title=previous.title if previous else None,
-        )
-        await self._sessions.put(state)
         return state
 
     async def _prompt(
@@ -263,7 +251,7 @@ class TaskPipeline:
         task: Task,
         status: TaskStatus,
         error: str | None,
-        error_type: str | None,
+        error_type: ErrorType | str | None,
         progress: _Progress,
         emitter: EventEmitter,
         started: float,

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ocbridge.bridge.redact import Redactor
-from ocbridge.client.protocol.models import SessionState
+from ocbridge.client.protocol import SessionGit, SessionState, iso_now
 
 from .stores import KeyValueStore, get_json
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.engines.base import Engine
 
 
 class SessionStore:
@@ -36,6 +41,48 @@ class SessionStore:
     async def put(self, state: SessionState) -> None:
         payload = self._redactor.data(state.to_dict())
         await self._store.put(state.session_name, json.dumps(payload).encode())
+
+    async def open_or_continue(
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        workspace_name: str,
+        path: Path,
+        title: str | None = None,
+        reuse: bool = True,
+        git: SessionGit | None = None,
+    ) -> tuple[SessionState, bool]:
+        """Continue session ``name`` when the engine still knows it in this workspace, else open a
+        new one; record it and return ``(state, reused)``.
+
+        A continued session keeps its creation time, message count and git facts (``git`` given
+        here wins); a new one starts from zero. ``reuse=False`` always opens a new session. The
+        stored title is ``title`` or the previous one; the engine gets ``title`` or the name.
+        """
+        previous = await self.get(name) if reuse else None
+        existing = None
+        if previous is not None and Path(previous.workspace_path) == path:
+            existing = previous.opencode_id or None
+        handle = await engine.open_session(path, title or name, existing)
+        # Same id means same session, even when an engine reports it as just created (a session
+        # opened by the ``open`` operation counts as continued before its first prompt).
+        reused = previous is not None and (not handle.created or handle.id == previous.opencode_id)
+        carried = previous if reused else None
+        state = SessionState(
+            sessionName=name,
+            opencodeID=handle.id,
+            workspaceName=workspace_name,
+            workspacePath=str(path),
+            created=carried.created if carried else iso_now(),
+            lastUsed=iso_now(),
+            messageCount=carried.message_count if carried else 0,
+            git=git or (carried.git if carried else None),
+            engine=engine.name,
+            title=title or (previous.title if previous else None),
+        )
+        await self.put(state)
+        return state, reused
 
     async def delete(self, name: str) -> None:
         await self._store.delete(name)

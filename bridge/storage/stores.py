@@ -1,13 +1,12 @@
 """Where the pipeline keeps state and files: NATS KV and object store, or plain folders.
 
 The sidecar uses the NATS implementations (Station reads the same buckets); the in-process
-backends (``bridge.local``) use the folder ones, so one pipeline serves both.
+backends (:mod:`ocbridge.bridge.inprocess`) use the folder ones, so one pipeline serves both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +17,8 @@ from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from ocbridge.client.kv import kv_key, kv_name, list_keys
+from ocbridge.client.kv import json_object, list_keys
+from ocbridge.client.protocol import kv_key, kv_name
 
 
 class KeyValueStore(Protocol):
@@ -34,14 +34,8 @@ class ArtifactStore(Protocol):
 
 
 async def get_json(store: KeyValueStore, key: str) -> dict[str, Any] | None:
-    raw = await store.get(key)
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    """The JSON object stored under ``key``, or ``None`` when absent or not an object."""
+    return json_object(await store.get(key))
 
 
 class NatsKeyValue:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ocbridge.bridge.storage.stores import KeyValueStore, get_json
-from ocbridge.client.protocol.models import CleanupPolicy, Scope
+from ocbridge.client.protocol import CleanupPolicy, Scope
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ocbridge.client.protocol import ErrorType, OcbridgeError
 
-class WorkspaceError(ValueError):
+
+class WorkspaceError(OcbridgeError, ValueError):
     """The workspace name is unusable (escapes the root, empty, ...)."""
+
+    default_error_type = ErrorType.INVALID_TASK
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ocbridge.bridge.redact import Redactor
@@ -26,24 +25,16 @@ from ocbridge.bridge.workspace.git import (
     resolve_token,
 )
 from ocbridge.bridge.workspace.paths import Workspace, WorkspaceError, open_workspace, resolve_workspace_path
-from ocbridge.client.protocol.models import EventGit, GitSpec
+from ocbridge.client.protocol import ErrorType, EventGit, GitSpec, OcbridgeError
 
 #: ``emit(event_type, git=EventGit, content=...)``: how git progress reaches the task's events.
 GitEmit = Callable[..., Awaitable[None]]
 
 
-class WorkspaceFailure(Exception):
+class WorkspaceFailure(OcbridgeError):
     """The workspace could not be prepared; ``error_type`` goes into the error result."""
 
-    def __init__(self, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-
-
-@dataclass
-class PreparedWorkspace:
-    workspace: Workspace
-    repo: RepoState | None = None
+    default_error_type = ErrorType.WORKSPACE_ERROR
 
 
 class WorkspaceFlow:
@@ -72,13 +63,13 @@ class WorkspaceFlow:
         try:
             return resolve_workspace_path(self.root, name)
         except WorkspaceError as exc:
-            raise WorkspaceFailure(str(exc), "invalid_task") from None
+            raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
 
     def open(self, name: str) -> Workspace:
         try:
             return open_workspace(self.root, name)
         except WorkspaceError as exc:
-            raise WorkspaceFailure(str(exc), "invalid_task") from None
+            raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
         except OSError as exc:
             raise WorkspaceFailure(f"cannot create workspace: {exc.strerror}", "workspace_error") from None
 
@@ -123,10 +114,12 @@ class WorkspaceFlow:
             try:
                 target = resolve_workspace_path(workspace.path, name)
             except WorkspaceError as exc:
-                raise WorkspaceFailure(f"input file {name!r}: {exc}", "invalid_task") from None
+                raise WorkspaceFailure(f"input file {name!r}: {exc}", ErrorType.INVALID_TASK) from None
             data = await self._artifacts.get(f"input/{task_id}/{name}")
             if data is None:
-                raise WorkspaceFailure(f"input file {name!r} is not staged under input/{task_id}/", "invalid_task")
+                raise WorkspaceFailure(
+                    f"input file {name!r} is not staged under input/{task_id}/", ErrorType.INVALID_TASK
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
             placed.append(str(target.relative_to(workspace.path)))

@@ -1,9 +1,77 @@
-"""The wire contract between Station, the client and the sidecar: every message model, the names
-of subjects, streams and buckets, and KV key rules. Pure data: no I/O, and nothing here imports the
-client or the sidecar."""
+"""The wire contract between Station, the client and the sidecar, in one place.
 
-from .models import *  # noqa: F403
-from .models import __all__ as _models_all
+Every message model, the names of subjects, streams and buckets, KV key rules and subject rules.
+Pure data: no I/O, and nothing here imports the client or the sidecar (both import this).
+
+Additions beyond Station's protocol stay optional and compatible: statuses ``timeout`` and
+``cancelled``, ``metrics.cost``, tool ``duration``, the cancel message, task records, input files,
+changes and patches, and the workspace operations.
+"""
+
+from pydantic import ValidationError
+
+from .base import WireModel, describe_validation_error, iso_now
+from .errors import ErrorType, OcbridgeError, error_type_of
+from .events import EventGit, EventSession, EventType, StreamEvent, ToolInfo
+from .keys import cancel_key, kv_key, kv_name, record_key
 from .naming import Naming, naming_from_env
+from .ops import GitOpName, GitOpRequest, GitOpResult, OpName
+from .results import FileChange, ResultGit, ResultMetrics, ResultSession, ResultWorkspace, TaskResult, TaskStatus
+from .state import SessionGit, SessionState, TaskRecord
+from .subjects import is_concrete_subject
+from .tasks import (
+    CancelRequest,
+    CleanupPolicy,
+    GitSpec,
+    ModelRef,
+    Scope,
+    SessionSpec,
+    Task,
+    TaskCallback,
+    WorkspaceSpec,
+)
 
-__all__ = [*_models_all, "Naming", "naming_from_env"]
+__all__ = [
+    "CancelRequest",
+    "CleanupPolicy",
+    "ErrorType",
+    "EventGit",
+    "EventSession",
+    "EventType",
+    "FileChange",
+    "GitOpName",
+    "GitOpRequest",
+    "GitOpResult",
+    "GitSpec",
+    "ModelRef",
+    "Naming",
+    "OcbridgeError",
+    "OpName",
+    "ResultGit",
+    "ResultMetrics",
+    "ResultSession",
+    "ResultWorkspace",
+    "Scope",
+    "SessionGit",
+    "SessionSpec",
+    "SessionState",
+    "StreamEvent",
+    "Task",
+    "TaskCallback",
+    "TaskRecord",
+    "TaskResult",
+    "TaskStatus",
+    "ToolInfo",
+    "ValidationError",
+    "WireModel",
+    "WorkspaceSpec",
+    "cancel_key",
+    "describe_validation_error",
+    "error_type_of",
+    "is_concrete_subject",
+    "iso_now",
+    "kv_key",
+    "kv_name",
+    "naming_from_env",
+    "record_key",
+]

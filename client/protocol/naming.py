@@ -27,6 +27,8 @@ class Naming(BaseModel):
     stream_name: str = "OCBRIDGE_TASKS"
     dead_letter_stream: str = "OCBRIDGE_DEADLETTER"
     consumer_name: str = "ocbridge-workers"
+    #: Queue group of the sidecars answering workspace operations (one answers each request).
+    ops_queue: str = "ocbridge-ops"
 
     def stream_subject(self, task_id: str) -> str:
         return f"{self.stream_prefix}.{task_id}"

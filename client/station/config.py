@@ -56,8 +56,7 @@ from pydantic import (
 )
 
 from ocbridge.client.mappings import deep_merge, set_path
-from ocbridge.client.protocol.models import CleanupPolicy
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -95,7 +94,7 @@ _GENERIC_PREFIX = "STN_CODING__"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
-class StationConfigError(ValueError):
+class StationConfigError(OcbridgeError, ValueError):
     """The ``coding:`` configuration is invalid; the message names the key (``coding.nats.url: ...``)."""
 
 

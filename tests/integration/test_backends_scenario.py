@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ocbridge.bridge.sidecar import Sidecar
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 from ocbridge.client.station.config import load_station_config
 from ocbridge.client.station.tools import CodingTools, tools_from_config
 from support.gitserver import GitHttpServer, Remote, git, make_remote

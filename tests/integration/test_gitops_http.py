@@ -13,7 +13,7 @@ import pytest
 
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.workspace.git import GitError, GitSettings, GitTimeout, commit, prepare, push
-from ocbridge.client.protocol.models import GitSpec
+from ocbridge.client.protocol import GitSpec
 from support.gitserver import GitHttpServer, Remote, git, make_remote
 
 CANARY = "canary-tok-7d41c9e0b2a8"

@@ -18,7 +18,7 @@ from ocbridge.bridge.workspace.git import (
     run_op,
     status,
 )
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult
+from ocbridge.client.protocol import GitOpRequest, GitOpResult
 from support.gitserver import Remote, git, make_remote, write
 
 SETTINGS = GitSettings(allow_file_urls=True, user_name="Bridge Bot", user_email="bot@example.com")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ocbridge.bridge.workspace.git import GitError, GitInputError, GitSettings, prepare
-from ocbridge.client.protocol.models import EventGit, GitSpec
+from ocbridge.client.protocol import EventGit, GitSpec
 from support.gitserver import Remote, git, make_remote
 
 SETTINGS = GitSettings(allow_file_urls=True)

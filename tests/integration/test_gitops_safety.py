@@ -27,7 +27,7 @@ from ocbridge.bridge.workspace.git import (
     resolve_token,
     run_git,
 )
-from ocbridge.client.protocol.models import GitSpec
+from ocbridge.client.protocol import GitSpec
 from support.gitserver import git, make_remote
 
 PERMISSIVE = GitSettings(allow_file_urls=True, allowed_schemes=["https", "http", "ssh", "git"])

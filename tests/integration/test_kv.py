@@ -13,7 +13,7 @@ from ocbridge.bridge.storage.stores import NatsKeyValue
 from ocbridge.client.client import CodingClient
 from ocbridge.client.connection import NatsOptions
 from ocbridge.client.kv import list_keys
-from ocbridge.client.protocol.models import SessionState, iso_now
+from ocbridge.client.protocol import SessionState, iso_now
 from ocbridge.client.station.backends.nats import NatsBackend
 from support.stack import unique_naming
 

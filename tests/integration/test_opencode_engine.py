@@ -26,7 +26,7 @@ from ocbridge.bridge.engines.opencode.api import OpenCodeAPI, new_message_id
 from ocbridge.bridge.engines.opencode.events import SSEParser, parse_global
 from ocbridge.bridge.engines.opencode.server import check_version
 from ocbridge.bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
-from ocbridge.client.protocol.models import ModelRef
+from ocbridge.client.protocol import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENCODE = ROOT / ".tools/npm/node_modules/.bin/opencode"

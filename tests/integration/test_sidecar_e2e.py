@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ocbridge.client.protocol.models import StreamEvent, TaskResult
+from ocbridge.client.protocol import StreamEvent, TaskResult
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ocbridge.bridge.config import BridgeConfig, load_config
-from ocbridge.client.protocol.naming import Naming
+from ocbridge.client.protocol import Naming
 
 ROOT = Path(__file__).resolve().parents[2]
 OCBRIDGE = str(Path(sys.executable).parent / "ocbridge")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ocbridge.client.protocol.models import SessionState, StreamEvent, Task, TaskResult, TaskStatus, ValidationError
+from ocbridge.client.protocol import SessionState, StreamEvent, Task, TaskResult, TaskStatus, ValidationError
 
 STATION_TASK = {
     "taskID": "6f1d2c3a-8b7e-4c55-9a01-2f3e4d5c6b7a",

@@ -10,7 +10,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 
-from ocbridge.client.protocol.models import (
+from ocbridge.client.protocol import (
     FileChange,
     GitOpRequest,
     GitOpResult,

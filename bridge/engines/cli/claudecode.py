@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ocbridge.bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
-from ocbridge.client.protocol.models import ToolInfo
+from ocbridge.client.protocol import ToolInfo
 
 from .common import (
     JSON,

@@ -27,7 +27,7 @@ from ocbridge.bridge.engines.opencode.settings import (
 )
 from ocbridge.bridge.engines.opencode.translate import ABORTED_ERROR, EDIT_TOOLS, describe_error
 from ocbridge.client.mappings import deep_merge
-from ocbridge.client.protocol.models import ToolInfo
+from ocbridge.client.protocol import ToolInfo
 
 from .common import (
     JSON,

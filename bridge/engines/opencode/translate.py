@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ocbridge.bridge.engines.base import AgentEvent, RunOutcome
-from ocbridge.client.protocol.models import ToolInfo
+from ocbridge.client.protocol import ToolInfo
 
 JSON = dict[str, Any]
 

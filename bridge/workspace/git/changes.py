@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from ocbridge.bridge.redact import Redactor
-from ocbridge.client.protocol.models import FileChange, ResultGit
+from ocbridge.client.protocol import FileChange, ResultGit
 
 from . import snapshot
 from .errors import GitError

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ocbridge.bridge.redact import Redactor, default_redactor
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult
+from ocbridge.client.protocol import GitOpRequest, GitOpResult
 
 from .changes import changes_since, diff_trees, empty_tree
 from .errors import GitError, GitInputError

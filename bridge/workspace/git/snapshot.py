@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ocbridge.client.protocol.models import FileChange
+from ocbridge.client.protocol import FileChange
 
 _BINARY_PROBE = 8000  # bytes git inspects for a NUL to call a file binary
 

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from ocbridge.bridge.redact import Redactor, default_redactor
-from ocbridge.client.protocol.models import EventGit
+from ocbridge.client.protocol import EventGit
 
 from .errors import GitError
 from .repo import (

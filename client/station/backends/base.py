@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 
-from ocbridge.client.protocol.models import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
+from ocbridge.client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
 
 #: Backends that run the sidecar's pipeline in this process, each named after the engine it uses.
 LOCAL_ENGINES = ("opencode", "opencode-cli", "claudecode")

@@ -16,21 +16,22 @@ from nats.js.errors import BucketNotFoundError
 
 from ocbridge.client.client import CodingClient
 from ocbridge.client.connection import NatsOptions
-from ocbridge.client.protocol.models import (
+from ocbridge.client.protocol import (
     GitOpRequest,
     GitOpResult,
+    Naming,
+    OcbridgeError,
     SessionState,
     Task,
     TaskCallback,
     TaskResult,
     TaskStatus,
 )
-from ocbridge.client.protocol.naming import Naming
 
 from .base import CodingBackend, EventCallback
 
 
-class BackendError(RuntimeError):
+class BackendError(OcbridgeError, RuntimeError):
     """The backend could not be reached or did not answer (not a failure of the work itself)."""
 
 

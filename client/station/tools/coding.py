@@ -27,18 +27,20 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from ocbridge.client.protocol.models import (
+from ocbridge.client.protocol import (
     CleanupPolicy,
+    ErrorType,
     GitOpRequest,
     GitOpResult,
     GitSpec,
     ModelRef,
+    Naming,
+    OcbridgeError,
     SessionSpec,
     Task,
     TaskCallback,
     WorkspaceSpec,
 )
-from ocbridge.client.protocol.naming import Naming
 
 from ..backends.base import CodingBackend
 from .models import (
@@ -64,8 +66,10 @@ from .trace import TraceRecorder
 _In = TypeVar("_In", bound=ToolModel)
 
 
-class CodingToolError(Exception):
+class CodingToolError(OcbridgeError):
     """A tool cannot do what was asked (invalid arguments, no such session, open/close failed)."""
+
+    default_error_type = ErrorType.INVALID_TASK
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ocbridge.client.protocol.models import FileChange
+from ocbridge.client.protocol import FileChange
 
 
 class ToolModel(BaseModel):

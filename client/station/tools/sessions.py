@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ocbridge.client.protocol.models import SessionState
+from ocbridge.client.protocol import ErrorType, OcbridgeError, SessionState
 
 #: Candidates listed in an error message at most.
 _MAX_LISTED = 10
 
 
-class SessionLookupError(LookupError):
+class SessionLookupError(OcbridgeError, LookupError):
     """No session, or more than one, matches; the message says which ones exist or match."""
+
+    default_error_type = ErrorType.INVALID_TASK
 
 
 def _describe(state: SessionState) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ocbridge.client.protocol.models import EventType, StreamEvent, TaskResult
+from ocbridge.client.protocol import EventType, StreamEvent, TaskResult
 
 from .models import Trace, TraceTokens, TraceToolCall
 
