@@ -15,7 +15,7 @@ import socket
 import sysconfig
 from pathlib import Path
 
-from ocbridge.bridge.engines.proc import die_with_parent
+from ocbridge.bridge.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
-from ocbridge.bridge.engines.proc import INHERITED_ENV, inherited_environment
+from ocbridge.bridge.processes import INHERITED_ENV, inherited_environment
 
 from .process import CLIProcess, run_capture
 

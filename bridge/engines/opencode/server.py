@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from ocbridge.bridge.engines.base import EngineError
-from ocbridge.bridge.engines.proc import PROVIDER_ENV, die_with_parent, inherited_environment
+from ocbridge.bridge.processes import PROVIDER_ENV, die_with_parent, inherited_environment
 
 from .api import OpenCodeAPI
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, prepare_opencode_home
