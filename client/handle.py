@@ -38,7 +38,6 @@ class TaskHandle:
         self._events: asyncio.Queue[StreamEvent | object] = asyncio.Queue()
         self._result: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         self._subs: list = []
-        self._last_seq = 0
 
     async def _subscribe(self) -> None:
         nc = self._client.nc
@@ -51,7 +50,6 @@ class TaskHandle:
         except (ValidationError, ValueError):
             log.warning("task %s: ignoring malformed event", self.task_id)
             return
-        self._last_seq = event.seq
         self._events.put_nowait(event)
 
     async def _on_result(self, msg: Msg) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,7 +39,6 @@ class EventEmitter:
         self._buffer_kind: str | None = None
         self._buffer: list[str] = []
         self._buffer_len = 0
-        self._buffer_since = 0.0
         self._flusher: asyncio.TimerHandle | None = None
         self.tool_calls = 0
 
@@ -62,7 +60,6 @@ class EventEmitter:
             await self.flush()
         if self._buffer_kind is None:
             self._buffer_kind = kind
-            self._buffer_since = time.monotonic()
             if self._flush_interval > 0:
                 loop = asyncio.get_running_loop()
                 self._flusher = loop.call_later(self._flush_interval, self._flush_soon)

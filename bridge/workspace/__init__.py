@@ -1,2 +1,18 @@
-"""Workspaces: folders confined under the root, getting them ready (git, input files), reporting
-what a task changed, and deleting them when their policy says so."""
+"""Workspaces: folders confined under the root (:mod:`.paths`), getting them ready and reporting
+what a task changed (:mod:`.prepare`, with the git layer in :mod:`.git`), and deleting them when
+their policy says so (:mod:`.janitor`)."""
+
+from .janitor import WorkspaceJanitor, WorkspaceRecord
+from .paths import Workspace, WorkspaceError, open_workspace, resolve_workspace_path
+from .prepare import WorkspaceFailure, WorkspaceFlow
+
+__all__ = [
+    "Workspace",
+    "WorkspaceError",
+    "WorkspaceFailure",
+    "WorkspaceFlow",
+    "WorkspaceJanitor",
+    "WorkspaceRecord",
+    "open_workspace",
+    "resolve_workspace_path",
+]

@@ -15,7 +15,7 @@ from .errors import ErrorType, OcbridgeError, error_type_of
 from .events import EventGit, EventSession, EventType, StreamEvent, ToolInfo
 from .keys import cancel_key, kv_key, kv_name, record_key
 from .naming import Naming, naming_from_env
-from .ops import GitOpName, GitOpRequest, GitOpResult, OpName
+from .ops import GitOpRequest, GitOpResult, OpName
 from .results import FileChange, ResultGit, ResultMetrics, ResultSession, ResultWorkspace, TaskResult, TaskStatus
 from .state import SessionGit, SessionState, TaskRecord
 from .subjects import is_concrete_subject
@@ -39,7 +39,6 @@ __all__ = [
     "EventSession",
     "EventType",
     "FileChange",
-    "GitOpName",
     "GitOpRequest",
     "GitOpResult",
     "GitSpec",

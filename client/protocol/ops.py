@@ -12,10 +12,9 @@ from .errors import ErrorType
 from .results import FileChange
 from .tasks import CleanupPolicy, GitSpec, Scope
 
-__all__ = ["GitOpName", "GitOpRequest", "GitOpResult", "OpName"]
+__all__ = ["GitOpRequest", "GitOpResult", "OpName"]
 
 
-GitOpName = Literal["branch", "commit", "push", "status", "diff"]
 #: Every operation the sidecar answers on the ops subject: the git ones plus opening and closing a
 #: session's workspace (Station's coding_open / coding_close).
 OpName = Literal["open", "close", "branch", "commit", "push", "status", "diff"]

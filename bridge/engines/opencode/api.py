@@ -206,10 +206,6 @@ class OpenCodeAPI:
         """``{session_id: {"type": "busy" | "retry"}}``; idle sessions are absent."""
         return await self.request("GET", "/session/status", directory=directory, timeout=timeout) or {}
 
-    async def permissions(self, directory: str) -> list[JSON]:
-        """Pending permission requests."""
-        return await self.request("GET", "/permission", directory=directory) or []
-
     async def reply_permission(self, directory: str, request_id: str, reply: str) -> bool:
         """Answer a permission request with ``once``, ``always`` or ``reject``."""
         body = {"reply": reply}
