@@ -22,7 +22,7 @@ The life of a task, by package:
 """
 
 from .config import BridgeConfig, ConfigError, load_config
-from .engines import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome, SessionHandle
+from .engines import AgentEvent, Engine, EngineError, PromptRequest, RunOutcome, ScriptedEngine, SessionHandle
 from .inprocess import LocalRunner
 from .redact import Redactor, default_redactor
 from .sidecar import Sidecar
@@ -37,6 +37,7 @@ __all__ = [
     "PromptRequest",
     "Redactor",
     "RunOutcome",
+    "ScriptedEngine",
     "SessionHandle",
     "Sidecar",
     "default_redactor",

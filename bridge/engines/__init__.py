@@ -1,9 +1,11 @@
 """Agent engines behind one interface (:class:`Engine`): OpenCode over HTTP (:mod:`.opencode`),
-``opencode run`` and Claude Code (:mod:`.cli`). :class:`EngineHost` builds and runs the configured
-one."""
+``opencode run`` and Claude Code (:mod:`.cli`), and :class:`ScriptedEngine`, a test double that
+replays canned events (its steps are in :mod:`.scripted`). :class:`EngineHost` builds and runs the
+configured one."""
 
 from .base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
 from .factory import EngineHost, build_engine
+from .scripted import ScriptedEngine
 
 __all__ = [
     "AgentEvent",
@@ -13,6 +15,7 @@ __all__ = [
     "EventSink",
     "PromptRequest",
     "RunOutcome",
+    "ScriptedEngine",
     "SessionHandle",
     "build_engine",
 ]
