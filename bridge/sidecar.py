@@ -22,7 +22,7 @@ from ocbridge.bridge.jetstream.setup import (
 from ocbridge.bridge.jetstream.worker import Worker
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
-from ocbridge.client.connection import connect, redact_url
+from ocbridge.client.connection import connect, redact_nats_url
 
 from .config import BridgeConfig
 from .engines.base import Engine
@@ -72,7 +72,7 @@ class Sidecar:
 
             options = config.nats.model_copy(update={"url": self.nats_url, "name": f"ocbridge-{self.id}"})
             self._nc = await connect(options)
-            log.info("connected to NATS at %s", redact_url(self.nats_url))
+            log.info("connected to NATS at %s", redact_nats_url(self.nats_url))
             js = self._nc.jetstream()
             naming, settings = config.naming, config.jetstream
             stream = await ensure_task_stream(js, naming, settings)

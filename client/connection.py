@@ -106,14 +106,18 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
             return nc
         except Exception as exc:
             if deadline is not None and loop.time() + delay > deadline:
-                raise ConnectionError(f"cannot connect to NATS at {redact_url(options.url)}: {exc}") from None
+                raise ConnectionError(f"cannot connect to NATS at {redact_nats_url(options.url)}: {exc}") from None
             log.warning("nats: first connect failed (%s), retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
-def redact_url(url: str | None) -> str:
-    """Drop ``user:pass@`` from a URL for display."""
+def redact_nats_url(url: str | None) -> str:
+    """A NATS server list (``nats://u:p@h1:4222,nats://h2``) for display: ``user:pass@`` or ``token@``
+    becomes ``***@``; no URL at all shows the default server.
+
+    Not the git layer's ``redact_git_url``: that one keeps a usable URL (drops the credentials, keeps
+    an ssh login) for one git remote; this one never parses, so it cannot fail on any value."""
     if not url:
         return "nats://127.0.0.1:4222"
     out = []

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ocbridge.bridge.workspace.git import GitError, GitInputError, GitSettings, prepare
+from ocbridge.bridge.workspace.git import GitError, GitInputError, GitSettings, begin, collect, commit, prepare, status
 from ocbridge.client.protocol import EventGit, GitSpec
-from support.gitserver import Remote, git, make_remote
+from support.gitserver import Remote, git, make_remote, write
 
 SETTINGS = GitSettings(allow_file_urls=True)
 
@@ -144,7 +144,8 @@ async def test_shallow_clone(remote, ws):
     assert git("rev-list", "--count", "HEAD", cwd=ws).strip() == "1"
     # A later pull on the shallow clone still fast-forwards.
     new = remote.commit({"NEWS": "x\n"}, "more")
-    assert (await prepare(ws, GitSpec(url=f"file://{remote.bare}"), settings=SETTINGS)).commit == new
+    pulled = await prepare(ws, GitSpec(url=f"file://{remote.bare}"), settings=SETTINGS)
+    assert (pulled.action, pulled.commit, pulled.shallow) == ("pulled", new, True)
 
 
 @pytest.mark.parametrize("which", ["tag", "commit"])
@@ -196,3 +197,56 @@ async def test_reuse_removes_credentials_left_in_origin(remote, ws):
     assert "old-token-123456" not in str(info.value)
     config = (ws / ".git" / "config").read_text()
     assert "old-token-123456" not in config and "url = https://127.0.0.1:1/org/repo.git" in config
+
+
+def sha256_remote(root: Path) -> tuple[Path, Path, str]:
+    """A bare SHA-256 repository (64-digit ids) on ``trunk`` with a tag ``v1``, its seed clone, and
+    the tagged commit."""
+    bare, seed = root / "sha256.git", root / "sha256.seed"
+    try:
+        git("init", "-q", "--bare", "-b", "trunk", "--object-format=sha256", str(bare))
+    except AssertionError:
+        pytest.skip("this git cannot make SHA-256 repositories")
+    git("init", "-q", "-b", "trunk", "--object-format=sha256", str(seed))
+    git("remote", "add", "origin", str(bare), cwd=seed)
+    write(seed, {"README.md": "# sha256\n"})
+    git("add", "-A", cwd=seed)
+    git("commit", "-q", "-m", "first", cwd=seed)
+    git("tag", "v1", cwd=seed)
+    git("push", "-q", "origin", "trunk", "v1", cwd=seed)
+    return bare, seed, head(seed)
+
+
+async def test_sha256_repositories_work_end_to_end(tmp_path, ws):
+    # GitPython reads only 40-digit SHA-1 ids (``Repo.head.commit`` raises here): the reads stay on
+    # the git CLI, and this keeps them honest.
+    bare, seed, first = sha256_remote(tmp_path / "remotes")
+    url = f"file://{bare}"
+    events = Events()
+    state = await prepare(ws, GitSpec(url=url, shallow=True), settings=SETTINGS, emit=events)
+    assert (state.action, state.branch, state.default_branch, state.commit) == ("cloned", "trunk", "trunk", first)
+    assert len(first) == 64 and state.shallow and events.items[0][1].commit == first
+
+    write(seed, {"NEWS": "fresh\n"})
+    git("add", "-A", cwd=seed)
+    git("commit", "-q", "-m", "second", cwd=seed)
+    git("push", "-q", "origin", "trunk", cwd=seed)
+    second = head(seed)
+    pulled = await prepare(ws, GitSpec(url=url), settings=SETTINGS)
+    assert (pulled.action, pulled.branch, pulled.commit, pulled.shallow) == ("pulled", "trunk", second, True)
+    tagged = await prepare(ws, GitSpec(url=url, ref="v1"), settings=SETTINGS)
+    assert (tagged.branch, tagged.commit) == (None, first)
+    by_id = await prepare(ws, GitSpec(url=url, ref=second[:12]), settings=SETTINGS)
+    assert (by_id.branch, by_id.commit) == (None, second)
+
+    await prepare(ws, GitSpec(url=url, branch="trunk"), settings=SETTINGS)
+    baseline = await begin(ws, settings=SETTINGS)
+    write(ws, {"README.md": "# sha256\nmore\n"})
+    changes = await collect(ws, baseline, settings=SETTINGS)
+    assert [(c.path, c.status, c.insertions) for c in changes.changes] == [("README.md", "modified", 1)]
+    assert (changes.branch, changes.commit, changes.dirty) == ("trunk", second, True)
+    done = await commit(ws, "more", settings=GitSettings(allow_file_urls=True, user_name="B", user_email="b@x"))
+    assert done.commit_hash == head(ws) and len(done.commit_hash or "") == 64 and done.files_changed == 1
+    report = await status(ws, settings=SETTINGS)
+    assert (report.branch, report.dirty, report.upstream, report.ahead, report.behind) == (
+        "trunk", False, "origin/trunk", 1, 0)

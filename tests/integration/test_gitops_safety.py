@@ -23,7 +23,7 @@ from ocbridge.bridge.workspace.git import (
     parse_remote_url,
     prepare,
     push,
-    redact_url,
+    redact_git_url,
     resolve_token,
     run_git,
 )
@@ -101,10 +101,10 @@ def test_schemes_limited_to_configuration():
 
 
 def test_redact_and_normalize_url():
-    assert redact_url("https://user:pw@host/r.git") == "https://host/r.git"
-    assert redact_url("https://tokenonly@host/r.git") == "https://host/r.git"
-    assert redact_url("ssh://git:pw@host/r.git") == "ssh://git@host/r.git"
-    assert redact_url("git@host:r.git") == "git@host:r.git"
+    assert redact_git_url("https://user:pw@host/r.git") == "https://host/r.git"
+    assert redact_git_url("https://tokenonly@host/r.git") == "https://host/r.git"
+    assert redact_git_url("ssh://git:pw@host/r.git") == "ssh://git@host/r.git"
+    assert redact_git_url("git@host:r.git") == "git@host:r.git"
     same = ["https://GitHub.com/Org/Repo.git", "https://tok@github.com:443/Org/Repo/", "https://github.com/Org/Repo"]
     assert len({normalize_url(u) for u in same}) == 1
     assert normalize_url("git@github.com:org/repo.git") == normalize_url("ssh://git@github.com:22/org/repo")
@@ -125,7 +125,7 @@ async def test_good_branch_names_accepted(name):
 
 
 async def test_refs():
-    for ok in ("v1.2.3", "deadbeef", "0" * 40, "refs/tags/v1", "release/1"):
+    for ok in ("v1.2.3", "deadbeef", "0" * 40, "0" * 64, "refs/tags/v1", "release/1"):
         assert await check_ref(ok) == ok
     for bad in ("--upload-pack=touch /tmp/x", "-x", "HEAD~1", "a..b", "v1^{}", "x y"):
         with pytest.raises(GitInputError):

@@ -19,7 +19,7 @@ from .safety import (
     check_remote_name,
     normalize_url,
     parse_remote_url,
-    redact_url,
+    redact_git_url,
 )
 from .settings import GitSettings, resolve_token
 from .workspace_repo import Emit, RepoState, prepare
@@ -49,7 +49,7 @@ __all__ = [
     "parse_remote_url",
     "prepare",
     "push",
-    "redact_url",
+    "redact_git_url",
     "resolve_token",
     "run_git",
     "run_op",

@@ -17,7 +17,7 @@ from .changes import changes_since, diff_trees, empty_tree
 from .errors import GitError, GitInputError
 from .repo import current_branch, has_ref, head_commit, is_repo, remote_url, remotes, upstream
 from .runner import GitCredentials, run_git, summarize_stderr
-from .safety import check_branch_name, check_ref, check_remote_name, parse_remote_url, redact_url
+from .safety import check_branch_name, check_ref, check_remote_name, parse_remote_url, redact_git_url
 from .settings import GitSettings, resolve_token
 
 
@@ -125,7 +125,7 @@ async def push(path: Path, *, remote: str = "origin", branch: str | None = None,
         if result.code != 0:
             rejected = "; ".join(f"{ref.split(':')[-1]} {text}" for flag, ref, text in lines if flag == "!")
             reason = rejected or summarize_stderr(result.stderr) or f"exit code {result.code}"
-            raise GitError(f"git push to {remote} ({redact_url(checked.url)}) failed: {reason}",
+            raise GitError(f"git push to {remote} ({redact_git_url(checked.url)}) failed: {reason}",
                            stderr=result.stderr, code=result.code, redactor=redactor)
     return GitOpResult(ok=True, op="push", remote=remote, branch=branch,
                        commit_hash=await head_commit(path, settings=settings, redactor=redactor),

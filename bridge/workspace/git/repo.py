@@ -1,4 +1,19 @@
-"""Read-only questions about a repository (current branch, HEAD, remotes...), answered by git."""
+"""Read-only questions about a repository (current branch, HEAD, remotes...), answered by git.
+
+Through the hardened runner (:func:`.runner.run_git`), not GitPython, although these are only reads:
+
+- GitPython parses refs and object ids itself and knows only SHA-1 ids of exactly 40 digits. In a
+  SHA-256 repository (which this layer handles end to end) ``Repo.head.commit``, and even
+  ``Repo.head.is_detached`` on a detached ``HEAD``, raise ``ValueError``. It does not read reftable
+  refs either (git >= 2.45, chosen by ``init.defaultRefFormat`` in the operator's ``~/.gitconfig``):
+  there ``HEAD`` is the stub ``ref: refs/heads/.invalid``.
+- ``git remote get-url`` gives the URL git will really contact (``pushurl``, ``insteadOf`` applied),
+  which is what :func:`.operations.push` must check; GitPython returns the raw value from its own
+  config parser, which is not git's and reads a file the agent can write.
+- The git processes GitPython starts get ``os.environ`` plus overrides: its API can set variables but
+  not remove the inherited ones (``GIT_DIR``, ``GIT_INDEX_FILE``, ``GIT_CONFIG_*``, the sidecar's
+  secrets) that :func:`.runner.git_env` leaves out.
+"""
 
 from __future__ import annotations
 
@@ -85,6 +100,6 @@ async def is_dirty(path: Path, *, settings: GitSettings | None = None, redactor:
 
 
 async def is_shallow(path: Path, *, settings: GitSettings | None = None, redactor: Redactor | None = None) -> bool:
-    """Whether the clone is shallow."""
+    """Whether the clone is shallow (its history cut by ``--depth``)."""
     result = await run_git(["rev-parse", "--is-shallow-repository"], path, settings=settings, redactor=redactor)
     return result.stdout.strip() == "true"

@@ -1,4 +1,4 @@
-"""What a task may ask git to do: URL, branch, ref and remote checks, and URL redaction.
+"""What a task may ask git to do: URL, branch, ref and remote checks, and git URL redaction.
 
 Everything here runs before any git command that touches the network or a repository, so a refused
 input never reaches git (``ext::sh -c ...`` would otherwise run a command, ``--upload-pack=...`` would
@@ -29,7 +29,13 @@ _SCP = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]/]+\]|[^@/:\[\]]+):(?
 _SCHEME_ALIASES = {"git+ssh": "ssh", "ssh+git": "ssh"}
 _DEFAULT_PORTS = {"https": 443, "http": 80, "ssh": 22, "git": 9418}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_HEX = re.compile(r"[0-9a-fA-F]{4,64}")
+# A full or abbreviated object id: sha1 (40) or sha256 (64) hex digits, at least 4 as git requires.
+_OBJECT_ID = re.compile(r"[0-9a-fA-F]{4,64}")
+
+
+def looks_like_object_id(ref: str) -> bool:
+    """Whether ``ref`` has the shape of a (possibly abbreviated) commit id rather than a ref name."""
+    return _OBJECT_ID.fullmatch(ref) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,7 @@ def parse_remote_url(url: str, settings: GitSettings, *, redactor: Redactor | No
     """
 
     def refuse(reason: str) -> GitInputError:
-        return GitInputError(f"git URL {redact_url(url)!r} refused: {reason}", redactor=redactor)
+        return GitInputError(f"git URL {redact_git_url(url)!r} refused: {reason}", redactor=redactor)
 
     if not isinstance(url, str) or not url.strip():
         raise GitInputError("git URL is empty", redactor=redactor)
@@ -138,8 +144,12 @@ def _parse_network_url(url: str, scheme: str, refuse) -> RemoteUrl:
     return RemoteUrl(url=clean, kind=scheme, secret=secret, username=username)  # type: ignore[arg-type]
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (and without any user name for http(s), where it may be a token)."""
+def redact_git_url(url: str) -> str:
+    """A git remote URL without its credentials: the password goes, and for http(s) the user name too
+    (``https://<token>@host`` puts the token there); an ssh login (``ssh://git@host``) is kept, as it
+    is part of the address. The result is still a usable URL (shown in events, compared with the
+    configured one), which is why this is not :func:`ocbridge.client.connection.redact_nats_url` (NATS
+    server lists, ``***@`` marker)."""
     if not isinstance(url, str):
         return ""
     match = _SCHEME.match(url)
@@ -214,7 +224,7 @@ async def check_branch_name(name: str, *, redactor: Redactor | None = None) -> s
 async def check_ref(ref: str, *, redactor: Redactor | None = None) -> str:
     """Refuse a ``ref`` (commit id, tag or branch) that is not a hex id nor a valid ref name."""
     _check_name(ref, "ref", redactor=redactor)
-    if _HEX.fullmatch(ref):
+    if looks_like_object_id(ref):
         return ref
     full = ref if ref.startswith("refs/") else f"refs/tags/{ref}"
     await _check_ref_format(full, ref, "ref", redactor=redactor)

@@ -21,7 +21,6 @@ Policy, in short:
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +37,22 @@ from .repo import (
     head_commit,
     is_ancestor,
     is_repo,
+    is_shallow,
     remote_url,
     resolve_commit,
     upstream,
 )
 from .runner import GitCredentials, GitResult, run_git
-from .safety import RemoteUrl, check_branch_name, check_ref, normalize_url, parse_remote_url, redact_url
+from .safety import (
+    RemoteUrl,
+    check_branch_name,
+    check_ref,
+    looks_like_object_id,
+    normalize_url,
+    parse_remote_url,
+    redact_git_url,
+)
 from .settings import GitSettings, resolve_token
-
-_HEX = re.compile(r"[0-9a-fA-F]{4,64}")
 
 
 class Emit(Protocol):
@@ -137,7 +143,7 @@ async def prepare(
     try:
         with GitCredentials(secret, remote.origin, username=username, redactor=redactor) as creds:
             ctx = _Ctx(path=path, remote=remote, settings=settings, creds=creds, redactor=redactor, emit=emit,
-                       shown_url=redactor.text(redact_url(remote.url)))
+                       shown_url=redactor.text(redact_git_url(remote.url)))
             if is_repo(path):
                 return await _reuse(ctx, branch=branch, ref=ref, pull=spec.pull is not False)
             return await _clone(ctx, branch=branch, ref=ref, shallow=shallow)
@@ -187,9 +193,9 @@ async def _reuse(ctx: _Ctx, *, branch: str | None, ref: str | None, pull: bool) 
         raise GitError(f"workspace {path.name!r} is a git repository without an 'origin' remote; expected a "
                        f"clone of {ctx.shown_url} (nothing was changed)", "workspace_error", redactor=redactor)
     if normalize_url(origin) != normalize_url(ctx.remote.url):
-        raise GitError(f"workspace {path.name!r} already holds a clone of {redact_url(origin)}, not of "
+        raise GitError(f"workspace {path.name!r} already holds a clone of {redact_git_url(origin)}, not of "
                        f"{ctx.shown_url} (nothing was changed)", "workspace_error", redactor=redactor)
-    if origin != ctx.remote.url and redact_url(origin) != origin:
+    if origin != ctx.remote.url and redact_git_url(origin) != origin:
         # Same repository, but credentials in .git/config (an older worker put tokens there).
         redactor.add(_url_secret(origin))
         await ctx.git(["remote", "set-url", "origin", "--", ctx.remote.url])
@@ -225,7 +231,7 @@ async def _reuse(ctx: _Ctx, *, branch: str | None, ref: str | None, pull: bool) 
         action="pulled" if pull else "reused",
         default_branch=await _default_branch(ctx),
         pull_skipped=skipped,
-        shallow=(await ctx.git(["rev-parse", "--is-shallow-repository"])).stdout.strip() == "true",
+        shallow=await is_shallow(path, settings=settings, redactor=redactor),
     )
 
 
@@ -288,11 +294,11 @@ async def _checkout_ref(ctx: _Ctx, ref: str, *, may_fetch: bool) -> str:
 async def _fetch_ref(ctx: _Ctx, ref: str) -> str | None:
     """Fetch a tag or commit that a (shallow or single-branch) clone does not have."""
     timeout = ctx.settings.fetch_timeout
-    shallow = (await ctx.git(["rev-parse", "--is-shallow-repository"])).stdout.strip() == "true"
+    shallow = await is_shallow(ctx.path, settings=ctx.settings, redactor=ctx.redactor)
     depth = ["--depth", "1"] if shallow else []
     # (fetch arguments, what to resolve afterwards)
     attempts: list[tuple[list[str], str]] = []
-    if not ref.startswith("refs/") and not _HEX.fullmatch(ref):
+    if not ref.startswith("refs/") and not looks_like_object_id(ref):
         attempts.append((["fetch", "--quiet", *depth, "--", "origin", f"+refs/tags/{ref}:refs/tags/{ref}"], ref))
     attempts.append((["fetch", "--quiet", *depth, "--", "origin", ref], "FETCH_HEAD"))
     if shallow:
@@ -302,7 +308,7 @@ async def _fetch_ref(ctx: _Ctx, ref: str) -> str | None:
         result = await ctx.git(args, timeout=timeout, check=False, network=True)
         if result.code == 0:
             commit = await resolve_commit(ctx.path, name, settings=ctx.settings, redactor=ctx.redactor)
-            if commit and (name != "FETCH_HEAD" or not _HEX.fullmatch(ref) or commit.startswith(ref.lower())):
+            if commit and (name != "FETCH_HEAD" or not looks_like_object_id(ref) or commit.startswith(ref.lower())):
                 return commit
     return None
 
