@@ -3,7 +3,12 @@
 Environment variables: the common settings have short names (``OCBRIDGE_NATS_URL``,
 ``OCBRIDGE_WORKSPACE_ROOT``, ``OCBRIDGE_CONCURRENCY``, ``OCBRIDGE_OFFLINE_MODEL``,
 ``OCBRIDGE_CONFIG``...); any nested key can be set with ``__`` between levels, e.g.
-``OCBRIDGE_OPENCODE__IDLE_DISPOSE_SECONDS=60``.
+``OCBRIDGE_OPENCODE__IDLE_DISPOSE_SECONDS=60``. List and mapping values are given as JSON
+(``OCBRIDGE_GIT__TOKEN_HOSTS='["github.com"]'``). An ``OCBRIDGE_*`` name that is no setting is an
+error, as an unknown key in the file is.
+
+The environment is read by pydantic-settings (:class:`~pydantic_settings.EnvSettingsSource`);
+:class:`BridgeConfig` itself stays a plain model, so building one never reads the environment.
 """
 
 from __future__ import annotations
@@ -14,14 +19,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from ocbridge.bridge.workspace.git.settings import GitSettings
 from ocbridge.client.connection import NatsOptions
 from ocbridge.client.mappings import deep_merge, set_path
-from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError
+from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError, describe_validation_error
 
 ENV_PREFIX = "OCBRIDGE_"
+#: The variable naming the YAML file (not a setting itself).
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 #: Short environment names for the settings people set most.
 ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
@@ -42,6 +51,8 @@ ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
     "LOG_LEVEL": ("log_level",),
     "LOG_FORMAT": ("log_format",),
 }
+
+LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 
 
 class ConfigError(OcbridgeError, ValueError):
@@ -139,24 +150,77 @@ class BridgeConfig(Section):
     abort_grace: float = Field(default=10.0, gt=0)
     #: Text deltas are coalesced into one ``text`` event per this many seconds.
     text_flush_interval: float = Field(default=0.1, ge=0)
-    log_level: str = "INFO"
+    #: A :mod:`logging` level name, in any case (``debug`` is ``DEBUG``).
+    log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        # ``setup_logging`` has always accepted ``--log-level debug``.
+        return value.upper() if isinstance(value, str) else value
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        key = name[len(ENV_PREFIX):]
-        if key in ENV_SHORTCUTS:
-            path = ENV_SHORTCUTS[key]
-        elif "__" in key:
-            path = tuple(part.lower() for part in key.split("__"))
-        else:
-            path = (key.lower(),)
-        set_path(out, path, value)
-    return out
+
+class _EnvFields(BaseSettings, BridgeConfig):
+    """:class:`BridgeConfig` as pydantic-settings reads it from ``OCBRIDGE_*`` (never instantiated)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+
+
+class _EnvSource(EnvSettingsSource):
+    """``OCBRIDGE_*`` variables of a given mapping as nested settings.
+
+    pydantic-settings does the prefix, the ``__`` nesting and JSON list/mapping values. Added here:
+    the mapping is ``load_config``'s ``environ`` rather than ``os.environ`` (tests isolate themselves
+    with ``environ={}``); the short names of :data:`ENV_SHORTCUTS`; names the stock source drops
+    silently (no such setting) kept so that ``extra="forbid"`` reports them; and a value that is not
+    JSON passed on as text, so that validation names the key instead of a parse error.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars(), which the base __init__ calls
+        super().__init__(_EnvFields)
+
+    def _load_env_vars(self) -> dict[str, str | None]:
+        prefix = ENV_PREFIX.lower()
+        found: dict[str, str | None] = {
+            name.lower(): value for name, value in self._environ.items() if name.lower().startswith(prefix)
+        }
+        found.pop(CONFIG_ENV.lower(), None)
+        # A short name wins over the ``__`` spelling of the same key.
+        for short, path in ENV_SHORTCUTS.items():
+            if (value := found.pop(prefix + short.lower(), None)) is not None:
+                found[prefix + "__".join(path)] = value
+        return found
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:  # not JSON: validation then names the key and says what it expects
+            return value
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for name, value in self.env_vars.items():
+            path = tuple(name[len(ENV_PREFIX):].split("__"))
+            # What the stock source ignores: no such setting, or a sub-key of a plain value.
+            if path[0] not in BridgeConfig.model_fields or (len(path) > 1 and not isinstance(data.get(path[0]), dict)):
+                set_path(data, path, value)
+        return data
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    # Hand-written rather than pydantic-settings' YamlConfigSettingsSource, which skips a missing
+    # file silently and lets YAML errors and a non-mapping document through as raw exceptions.
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
 
 
 def load_config(
@@ -165,26 +229,22 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> BridgeConfig:
-    """Build the configuration; raises :class:`ConfigError` naming the bad key."""
+    """Build the configuration; raises :class:`ConfigError` naming the bad key.
+
+    ``path`` defaults to ``$OCBRIDGE_CONFIG``; ``environ`` (default ``os.environ``) supplies the
+    ``OCBRIDGE_*`` variables; ``overrides`` (command-line flags) win, and their ``None`` values are
+    ignored so that an unset flag keeps the lower layers' value.
+    """
     environ = os.environ if environ is None else environ
-    path = path or environ.get(ENV_PREFIX + "CONFIG")
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
-    data = deep_merge(data, _env_overrides(environ))
+    path = path or environ.get(CONFIG_ENV)
+    from_file = _read_yaml(path) if path else {}
+    try:
+        from_env = _EnvSource(environ)()
+    except SettingsError as exc:  # any other parse failure inside pydantic-settings; names the setting
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    data = deep_merge(from_file, from_env)
     data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return BridgeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from None
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None

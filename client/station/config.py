@@ -54,9 +54,10 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ocbridge.client.mappings import deep_merge, set_path
-from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError
+from ocbridge.client.protocol import CleanupPolicy, Naming, OcbridgeError, describe_validation_error
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -66,6 +67,7 @@ __all__ = [
     "StationConfigError",
     "default_config_path",
     "load_station_config",
+    "relabel_errors",
     "station_naming",
 ]
 
@@ -175,8 +177,11 @@ class GitBlock(_Block):
             return value
         environ: Mapping[str, str] = (info.context or {}).get("environ", os.environ)
         missing = [a or b for a, b in _ENV_REF.findall(value) if (a or b) not in environ]
-        if missing:
-            raise ValueError(f"environment variable {missing[0]} (referenced by the token) is not set")
+        if missing:  # a custom error: its message carries no "Value error, " prefix
+            raise PydanticCustomError(
+                "env_var_unset", "environment variable {name} (referenced by the token) is not set",
+                {"name": missing[0]},
+            )
         return _ENV_REF.sub(lambda m: environ[m.group(1) or m.group(2)], value) or None
 
 
@@ -237,6 +242,31 @@ class StationCodingConfig(_Block):
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+
+def relabel_errors(
+    exc: ValidationError,
+    *,
+    prefix: tuple[str, ...] = (),
+    unknown: str | None = None,
+    notes: Mapping[tuple[str, ...], str] | None = None,
+) -> ValidationError:
+    """``exc`` reworded for :func:`~ocbridge.client.protocol.describe_validation_error`.
+
+    Each location is put under ``prefix`` (``coding.`` for the ``coding:`` block); ``unknown``
+    replaces pydantic's "Extra inputs are not permitted" (``unknown key (typo?)``); ``notes[loc]``
+    is shown after the key it concerns (``coding.max_attempts (from STN_CODING_MAX_ATTEMPTS)``).
+    """
+    details: list[InitErrorDetails] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(str(part) for part in err["loc"])
+        message = unknown if unknown and err["type"] == "extra_forbidden" else err["msg"]
+        if notes and loc in notes:
+            loc = (*loc[:-1], f"{loc[-1]} ({notes[loc]})")
+        # A custom error without context keeps ``message`` verbatim (no ``{}`` formatting).
+        details.append({"type": PydanticCustomError(err["type"], message), "loc": (*prefix, *loc),
+                        "input": err["input"]})
+    return ValidationError.from_exception_data(exc.title, details)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
@@ -318,17 +348,11 @@ def load_station_config(
     try:
         return StationCodingConfig.model_validate(data, context={"environ": environ})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            key = ".".join(("coding", *loc))
-            source_var = origin.get(loc)
-            where = f" (from {source_var})" if source_var else ""
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown key (typo?)"
-            problems.append(f"{key}{where}: {message}")
-        raise StationConfigError("invalid coding configuration: " + "; ".join(problems)) from None
+        notes = {path: f"from {name}" for path, name in origin.items()}
+        problems = describe_validation_error(
+            relabel_errors(exc, prefix=("coding",), unknown="unknown key (typo?)", notes=notes)
+        )
+        raise StationConfigError(f"invalid coding configuration: {problems}") from None
 
 
 def station_naming(config: StationCodingConfig) -> Naming:
@@ -346,9 +370,7 @@ def station_naming(config: StationCodingConfig) -> Naming:
     try:
         return Naming(**{**names, **config.bridge.naming})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"coding.bridge.naming.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown name" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
+        problems = describe_validation_error(
+            relabel_errors(exc, prefix=("coding", "bridge", "naming"), unknown="unknown name")
         )
-        raise StationConfigError("invalid coding configuration: " + problems) from None
+        raise StationConfigError(f"invalid coding configuration: {problems}") from None

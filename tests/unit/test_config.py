@@ -2,7 +2,7 @@
 
 import pytest
 
-from ocbridge.bridge.config import ConfigError, load_config
+from ocbridge.bridge.config import BridgeConfig, ConfigError, load_config
 
 
 def test_defaults_then_file_then_env_then_flags(tmp_path):
@@ -53,3 +53,62 @@ def test_secrets_do_not_show_in_repr():
     config = load_config(environ=env)
     assert "hunter2" not in repr(config) and "pw-123456" not in repr(config)
     assert config.nats.password.get_secret_value() == "hunter2-secret"
+
+
+def test_short_names_and_nesting_from_the_environment():
+    config = load_config(environ={
+        "OCBRIDGE_NATS_CREDS": "/run/creds", "OCBRIDGE_MODEL": "p/m", "OCBRIDGE_ENGINE": "claudecode",
+        "OCBRIDGE_OPENCODE__IDLE_DISPOSE_SECONDS": "60", "OCBRIDGE_NATS__TLS__CA_FILE": "/ca.pem",
+        "OCBRIDGE_CONFIG": "",
+    })
+    assert str(config.nats.creds_file) == "/run/creds" and config.opencode.model == "p/m"
+    assert config.engine == "claudecode" and config.opencode.idle_dispose_seconds == 60
+    assert str(config.nats.tls.ca_file) == "/ca.pem"
+    # A short name wins over the ``__`` spelling of the same key.
+    assert load_config(environ={"OCBRIDGE_NATS__URL": "nats://b", "OCBRIDGE_NATS_URL": "nats://a"}).nats.url == "nats://a"
+
+
+def test_list_values_from_the_environment_are_json():
+    config = load_config(environ={"OCBRIDGE_GIT__TOKEN_HOSTS": '["github.com", "gitlab.com"]'})
+    assert config.git.token_hosts == ["github.com", "gitlab.com"]
+    with pytest.raises(ConfigError, match=r"^invalid configuration: git\.token_hosts: Input should be a valid list$"):
+        load_config(environ={"OCBRIDGE_GIT__TOKEN_HOSTS": "github.com"})
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("OCBRIDGE_CONCURENCY", "concurency"),
+        ("OCBRIDGE_OPENCODE__IDLE_DISPOSE_SECOND", "opencode.idle_dispose_second"),
+        ("OCBRIDGE_NATS__URLL", "nats.urll"),
+        ("OCBRIDGE_FOO__BAR", "foo"),
+    ],
+)
+def test_unknown_environment_names_are_errors(name, key):
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={name: "1"})
+    assert str(caught.value) == f"invalid configuration: {key}: Extra inputs are not permitted"
+
+
+def test_environment_errors_name_the_key():
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"OCBRIDGE_CONCURRENCY": "zero", "OCBRIDGE_CONCURRENCY__X": "1"})
+    assert str(caught.value).startswith("invalid configuration: concurrency: Input should be a valid")
+    with pytest.raises(ConfigError, match=r"^invalid configuration: jetstream\.ack_wait: Input should be greater"):
+        load_config(environ={"OCBRIDGE_JETSTREAM__ACK_WAIT": "0"})
+
+
+def test_log_level_is_a_level_name():
+    assert load_config(environ={"OCBRIDGE_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="log_level: Input should be 'CRITICAL', 'ERROR', 'WARNING', 'INFO' or"):
+        load_config(environ={"OCBRIDGE_LOG_LEVEL": "LOUD"})
+
+
+def test_only_the_given_environment_is_read(monkeypatch):
+    monkeypatch.setenv("OCBRIDGE_CONCURRENCY", "zero")
+    assert load_config(environ={}).concurrency == 2
+    # BridgeConfig is a plain model: building one never reads the environment.
+    assert BridgeConfig().concurrency == 2
+    assert BridgeConfig.model_validate({"concurrency": 4}).concurrency == 4
+    with pytest.raises(ConfigError, match="concurrency"):
+        load_config()

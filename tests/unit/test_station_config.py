@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ocbridge.bridge.config import load_config
 from ocbridge.bridge.inprocess.backends import LocalBackend, local_bridge_config
+from ocbridge.client.protocol import describe_validation_error
 from ocbridge.client.station.backends.factory import backend_from_config
 from ocbridge.client.station.backends.nats import NatsBackend
 from ocbridge.client.station.config import (
@@ -16,6 +18,7 @@ from ocbridge.client.station.config import (
     StationConfigError,
     default_config_path,
     load_station_config,
+    relabel_errors,
     station_naming,
 )
 from ocbridge.client.station.tools import defaults_from_config
@@ -274,3 +277,21 @@ def test_bridge_additions_reach_the_local_sidecar_config(tmp_path):
     assert defaults.git.clone_timeout == 600 and defaults.cleanup_policy == "manual"
     with pytest.raises(StationConfigError, match="does not run in-process"):
         local_bridge_config(c, "opencode-nats")
+
+
+def test_relabelled_errors_keep_every_problem_and_its_wording():
+    class Block(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        n: int
+        d: dict[str, int] = {}
+
+    with pytest.raises(ValidationError) as caught:
+        Block.model_validate({"n": "x", "d": {"k": "y"}, "typo": 1})
+    # Messages are kept verbatim: braces are not format fields.
+    relabelled = relabel_errors(caught.value, prefix=("coding",), unknown="unknown {key}", notes={("n",): "from N"})
+    assert describe_validation_error(relabelled) == (
+        "coding.n (from N): Input should be a valid integer, unable to parse string as an integer; "
+        "coding.d.k: Input should be a valid integer, unable to parse string as an integer; "
+        "coding.typo: unknown {key}"
+    )
+    assert [e["type"] for e in relabelled.errors()] == ["int_parsing", "int_parsing", "extra_forbidden"]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
+from pydantic import ValidationError
 
 from ocbridge.client.protocol import (
     FileChange,
@@ -140,6 +141,68 @@ def test_schemas_accept_good_calls_and_refuse_bad_ones():
                        ("coding_branch", {"session_id": "s", "branch": "b", "create": "yes"})]:
         with pytest.raises(SchemaError):
             validate(name, args)
+
+
+def _noise(schema: Any) -> list[str]:
+    """Keys MCP and LLM clients choke on or do not need, anywhere in a schema (property names aside)."""
+    if isinstance(schema, list):
+        return [k for item in schema for k in _noise(item)]
+    if not isinstance(schema, dict):
+        return []
+    found = [k for k in schema if k in ("title", "$defs", "$ref", "anyOf", "allOf", "oneOf")]
+    for key, value in schema.items():
+        children = value.values() if key == "properties" else [value]
+        found += [k for child in children for k in _noise(child)]
+    return found
+
+
+@pytest.mark.parametrize("name", list(STATION_FIELDS))
+def test_schemas_are_generated_from_the_models_without_noise(name):
+    schema = TOOL_SCHEMAS[name]
+    assert _noise(schema) == []
+    assert "description" not in schema  # the tool's description is TOOL_DESCRIPTIONS
+    model = TOOL_MODELS[name][0]
+    for arg, prop in schema["properties"].items():
+        assert prop["description"] == model.model_fields[arg].description
+
+
+SCHEMA_CASES = [
+    ("coding_open", {}, True),
+    ("coding_open", {"repo_url": "https://x/y.git", "branch": "dev", "title": "t"}, True),
+    ("coding_open", {"scope": "workflow", "scope_id": "wf-1"}, True),
+    ("coding_open", {"scope": "team"}, False),
+    ("coding_open", {"repo": "https://x/y.git"}, False),
+    ("coding_open", {"title": 5}, False),
+    ("code", {"session_id": "s", "instruction": "do it", "files": ["a.py"], "context": "c"}, True),
+    ("code", {"session_id": "s"}, False),
+    ("code", {"session_id": "", "instruction": "do it"}, False),
+    ("code", {"session_id": "s", "instruction": "do it", "files": "a.py"}, False),
+    ("code", {"session_id": "s", "instruction": "do it", "files": [1]}, False),
+    ("coding_branch", {"session_id": "s", "branch": "b", "create": False}, True),
+    ("coding_branch", {"session_id": "s", "branch": ""}, False),
+    ("coding_branch", {"session_id": "s", "branch": "b", "create": [True]}, False),
+    ("coding_commit", {"session_id": "s", "message": "m", "add_all": True}, True),
+    ("coding_commit", {"session_id": "s", "message": "m", "amend": True}, False),
+    ("coding_push", {"session_id": "s", "remote": "up", "branch": "b", "set_upstream": True}, True),
+    ("coding_push", {"session_id": "s", "remote": None}, False),
+    ("coding_push", {}, False),
+    ("coding_close", {"session_id": "s", "workspace_id": "w", "success": False}, True),
+    ("coding_close", {"session_id": "s", "success": {}}, False),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "valid"), SCHEMA_CASES)
+def test_each_schema_accepts_what_its_model_accepts(name, args, valid):
+    # Known, deliberate differences (not listed above): the models also take an explicit null for an
+    # optional argument and pydantic's lax coercions ("yes" for true); the schemas advertise the plain
+    # JSON types, which is what an LLM should send.
+    try:
+        TOOL_MODELS[name][0].model_validate(args)
+        model_ok = True
+    except ValidationError:
+        model_ok = False
+    schema_ok = Draft202012Validator(TOOL_SCHEMAS[name]).is_valid(args)
+    assert (model_ok, schema_ok) == (valid, valid)
 
 
 def test_llm_tool_formats():

@@ -40,9 +40,11 @@ from ocbridge.client.protocol import (
     Task,
     TaskCallback,
     WorkspaceSpec,
+    describe_validation_error,
 )
 
 from ..backends.base import CodingBackend
+from ..config import relabel_errors
 from .models import (
     TOOL_MODELS,
     CodeInput,
@@ -295,11 +297,7 @@ class CodingTools:
         try:
             return model.model_validate(dict(arguments))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: "
-                + ("unknown argument" if err["type"] == "extra_forbidden" else err["msg"])
-                for err in exc.errors()
-            )
+            problems = describe_validation_error(relabel_errors(exc, unknown="unknown argument"))
             raise CodingToolError(f"{tool}: invalid arguments: {problems}") from None
 
     async def _op(self, request: GitOpRequest) -> tuple[GitOpResult | None, str | None]:

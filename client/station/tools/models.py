@@ -4,11 +4,14 @@ Outputs follow Station's Go structs: optional fields are left out when empty (``
 :meth:`ToolModel.dump` drops ``None`` values only. ``files_changed`` of ``code`` and
 ``coding_close`` is a list of Station ``FileChange`` objects (``path``, ``action``,
 ``lines_added``, ``lines_removed``); ``files_changed`` of ``coding_commit`` is a count, as in Station.
+
+The input models are also the tools' JSON Schemas (:mod:`.schemas`): each ``Field(description=...)``
+is what an LLM reads about that argument, so keep them short.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,46 +30,70 @@ class ToolModel(BaseModel):
 # ------------------------------------------------------------------------------------------ inputs
 
 
+#: The session argument of every tool but ``coding_open``.
+SessionId = Annotated[str, Field(min_length=1, description="Coding session ID returned by coding_open.")]
+
+
 class CodingOpenInput(ToolModel):
-    repo_url: str | None = None
-    branch: str | None = None
-    workspace_path: str | None = None
-    title: str | None = None
-    scope: Literal["agent", "workflow"] | None = None
-    scope_id: str | None = None
-    existing_session_id: str | None = None
+    repo_url: str | None = Field(default=None, description="Git repository to clone (HTTPS, SSH or git URL).")
+    branch: str | None = Field(default=None, description="Branch to check out after cloning (default: the remote's).")
+    workspace_path: str | None = Field(
+        default=None, description="An existing workspace folder to work in. Omit for a managed workspace."
+    )
+    title: str | None = Field(default=None, description="Session title, to find the session again later.")
+    scope: Literal["agent", "workflow"] | None = Field(
+        default=None,
+        description="Workspace lifetime: 'agent' (cleaned up with the session, default) or "
+        "'workflow' (kept across the steps of a workflow).",
+    )
+    scope_id: str | None = Field(default=None, description="Workflow ID when scope is 'workflow'.")
+    existing_session_id: str | None = Field(
+        default=None,
+        description="Continue an earlier session: its ID (ses_...) or part of its title (case-insensitive).",
+    )
 
 
 class CodeInput(ToolModel):
-    session_id: str = Field(min_length=1)
-    instruction: str = Field(min_length=1)
-    context: str | None = None
-    files: list[str] | None = None
+    session_id: SessionId
+    instruction: str = Field(
+        min_length=1,
+        description="What the coding assistant should do, e.g. 'Fix the null pointer exception in auth.go'.",
+    )
+    context: str | None = Field(default=None, description="Additional context about the task (optional).")
+    files: list[str] | None = Field(default=None, description="Specific files to focus on (optional).")
 
 
 class CodingBranchInput(ToolModel):
-    session_id: str = Field(min_length=1)
-    branch: str = Field(min_length=1)
-    create: bool = True
+    session_id: SessionId
+    branch: str = Field(min_length=1, description="Branch name, e.g. 'feature/add-tests'.")
+    create: bool = Field(default=True, description="Create the branch if it does not exist. Default: true.")
 
 
 class CodingCommitInput(ToolModel):
-    session_id: str = Field(min_length=1)
-    message: str = Field(min_length=1)
-    add_all: bool = True
+    session_id: SessionId
+    message: str = Field(min_length=1, description="Commit message describing the changes.")
+    add_all: bool = Field(
+        default=True, description="Stage all changes (new, modified, deleted files) first. Default: true."
+    )
 
 
 class CodingPushInput(ToolModel):
-    session_id: str = Field(min_length=1)
-    remote: str = "origin"
-    branch: str | None = None
-    set_upstream: bool = False
+    session_id: SessionId
+    remote: str = Field(default="origin", description="Remote name. Default: origin.")
+    branch: str | None = Field(default=None, description="Branch to push. Default: the current branch.")
+    set_upstream: bool = Field(
+        default=False, description="Set the upstream of the branch (git push -u). Default: false."
+    )
 
 
 class CodingCloseInput(ToolModel):
-    session_id: str = Field(min_length=1)
-    workspace_id: str | None = None
-    success: bool = True
+    session_id: SessionId
+    workspace_id: str | None = Field(default=None, description="workspace_id returned by coding_open (optional).")
+    success: bool = Field(
+        default=True,
+        description="Whether the coding work succeeded (the on_success cleanup policy keeps the workspace "
+        "of failed work). Default: true.",
+    )
 
 
 # ----------------------------------------------------------------------------------------- outputs

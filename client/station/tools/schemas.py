@@ -1,17 +1,20 @@
 """JSON Schemas of the six tools' inputs, written for an LLM: short, every argument described,
-required ones listed, nothing else accepted. Also in the shapes OpenAI and Anthropic expect."""
+required ones listed, nothing else accepted. Also in the shapes OpenAI and Anthropic expect.
+
+The schemas are generated from the input models of :mod:`.models` (argument descriptions are their
+``Field(description=...)``), then simplified for LLM and MCP clients: no ``title`` keys, an optional
+argument is given as its plain type instead of ``anyOf: [type, null]`` with ``default: null``, and
+``required`` is always listed. Nested models (``$defs``) are refused: some clients cannot resolve them.
+"""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-_SESSION = {"type": "string", "description": "Coding session ID returned by coding_open."}
+from pydantic import BaseModel
 
-
-def _obj(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-
+from .models import TOOL_MODELS
 
 TOOL_DESCRIPTIONS: dict[str, str] = {
     "coding_open": (
@@ -32,86 +35,33 @@ TOOL_DESCRIPTIONS: dict[str, str] = {
     ),
 }
 
-TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
-    "coding_open": _obj(
-        {
-            "repo_url": {"type": "string", "description": "Git repository to clone (HTTPS, SSH or git URL)."},
-            "branch": {"type": "string", "description": "Branch to check out after cloning (default: the remote's)."},
-            "workspace_path": {
-                "type": "string",
-                "description": "An existing workspace folder to work in. Omit for a managed workspace.",
-            },
-            "title": {"type": "string", "description": "Session title, to find the session again later."},
-            "scope": {
-                "type": "string",
-                "enum": ["agent", "workflow"],
-                "description": "Workspace lifetime: 'agent' (cleaned up with the session, default) or "
-                "'workflow' (kept across the steps of a workflow).",
-            },
-            "scope_id": {"type": "string", "description": "Workflow ID when scope is 'workflow'."},
-            "existing_session_id": {
-                "type": "string",
-                "description": "Continue an earlier session: its ID (ses_...) or part of its title "
-                "(case-insensitive).",
-            },
-        },
-        [],
-    ),
-    "code": _obj(
-        {
-            "session_id": _SESSION,
-            "instruction": {
-                "type": "string",
-                "description": "What the coding assistant should do, e.g. 'Fix the null pointer exception in auth.go'.",
-            },
-            "context": {"type": "string", "description": "Additional context about the task (optional)."},
-            "files": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Specific files to focus on (optional).",
-            },
-        },
-        ["session_id", "instruction"],
-    ),
-    "coding_branch": _obj(
-        {
-            "session_id": _SESSION,
-            "branch": {"type": "string", "description": "Branch name, e.g. 'feature/add-tests'."},
-            "create": {"type": "boolean", "default": True,
-                       "description": "Create the branch if it does not exist. Default: true."},
-        },
-        ["session_id", "branch"],
-    ),
-    "coding_commit": _obj(
-        {
-            "session_id": _SESSION,
-            "message": {"type": "string", "description": "Commit message describing the changes."},
-            "add_all": {"type": "boolean", "default": True,
-                        "description": "Stage all changes (new, modified, deleted files) first. Default: true."},
-        },
-        ["session_id", "message"],
-    ),
-    "coding_push": _obj(
-        {
-            "session_id": _SESSION,
-            "remote": {"type": "string", "default": "origin", "description": "Remote name. Default: origin."},
-            "branch": {"type": "string", "description": "Branch to push. Default: the current branch."},
-            "set_upstream": {"type": "boolean", "default": False,
-                             "description": "Set the upstream of the branch (git push -u). Default: false."},
-        },
-        ["session_id"],
-    ),
-    "coding_close": _obj(
-        {
-            "session_id": _SESSION,
-            "workspace_id": {"type": "string", "description": "workspace_id returned by coding_open (optional)."},
-            "success": {"type": "boolean", "default": True,
-                        "description": "Whether the coding work succeeded (the on_success cleanup policy "
-                        "keeps the workspace of failed work). Default: true."},
-        },
-        ["session_id"],
-    ),
-}
+
+def _argument(schema: dict[str, Any]) -> dict[str, Any]:
+    """One property: ``title`` dropped, ``T | None`` shown as ``T`` (an LLM should omit, not send null)."""
+    out = {k: v for k, v in schema.items() if k not in ("title", "anyOf")}
+    if "anyOf" in schema:
+        types = [v for v in schema["anyOf"] if v != {"type": "null"}]
+        if len(types) != 1:
+            raise TypeError(f"tool argument schema too complex for LLM clients: {schema}")
+        out = {**types[0], **out}
+        if out.get("default", ...) is None:
+            del out["default"]
+    return out
+
+
+def tool_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON Schema of a tool's input model, in the form LLM and MCP clients take."""
+    schema = model.model_json_schema()
+    if "$defs" in schema:
+        raise TypeError(f"{model.__name__}: tool arguments must be flat (no nested models)")
+    schema.pop("title", None)
+    schema.pop("description", None)  # the tool's own description is TOOL_DESCRIPTIONS
+    schema["properties"] = {name: _argument(prop) for name, prop in schema["properties"].items()}
+    schema.setdefault("required", [])
+    return schema
+
+
+TOOL_SCHEMAS: dict[str, dict[str, Any]] = {name: tool_schema(inputs) for name, (inputs, _) in TOOL_MODELS.items()}
 
 TOOL_NAMES: tuple[str, ...] = tuple(TOOL_SCHEMAS)
 
