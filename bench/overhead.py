@@ -21,14 +21,15 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import psutil
 import yaml
 
-from ocbridge.bridge.engines.factory import find_tool
 from ocbridge.bridge.engines.opencode.server import OpenCodeProcess
 from ocbridge.bridge.engines.opencode.settings import OpenCodeSettings
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.offline_model.configs import opencode_provider_config
 from ocbridge.bridge.offline_model.server import OfflineModelServer
+from ocbridge.bridge.processes import find_binary
 from ocbridge.client.client import CodingClient
 from ocbridge.client.protocol import Naming
 
@@ -37,32 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and all its descendants, in MiB."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
     total = 0
-    for p in [pid, *descendants(pid)]:
+    for proc in procs:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
+            total += proc.memory_info().rss
+        except psutil.Error:  # gone meanwhile
             continue
-    return total / 1024
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
+    return total / 2**20
 
 
 def pct(values: list[float], q: float) -> float:
@@ -130,7 +117,7 @@ class Stack:
 
     async def __aenter__(self) -> Stack:
         self.opencode = OpenCodeProcess(OpenCodeSettings(
-            binary=find_tool("opencode"), state_dir=self.tmp / "opencode",
+            binary=find_binary("opencode"), state_dir=self.tmp / "opencode",
             config=opencode_provider_config(self.model_url), extra_path=[str(Path(sys.executable).parent)],
         ))
         self.url = await self.opencode.start()

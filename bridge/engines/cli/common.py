@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
-from ocbridge.bridge.processes import INHERITED_ENV, inherited_environment
+from ocbridge.bridge.processes import INHERITED_ENV, find_binary, inherited_environment
 
 from .process import CLIProcess, run_capture
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
-#: Variables passed through from the bridge's environment (see :data:`bridge.procutil.INHERITED_ENV`).
+#: Variables passed through from the bridge's environment (see :data:`ocbridge.bridge.processes.INHERITED_ENV`).
 DEFAULT_INHERITED_ENV = INHERITED_ENV
 
 
@@ -145,7 +145,12 @@ class CLIEngine(Engine):
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_state(self._state_dir)
         env = self.environment()
-        self.binary = resolve_binary(self.settings.binary, env.get("PATH"))
+        binary = self.settings.binary
+        try:
+            # Looked up on the agent's PATH, as the agent would.
+            self.binary = find_binary(os.path.basename(binary), binary, path=env.get("PATH"))
+        except FileNotFoundError as exc:
+            raise EngineError(str(exc)) from None
         code, out, err = await run_capture(
             [self.binary, "--version"], cwd=self._state_dir, env=env, timeout=self.settings.command_timeout
         )
@@ -258,18 +263,6 @@ def parse_line(raw: bytes) -> JSON | None:
         log.warning("ignoring malformed JSON line (%d bytes): %r", len(raw), raw[:200])
         return None
     return event if isinstance(event, dict) else None
-
-
-def resolve_binary(binary: str, path: str | None) -> str:
-    """An executable path for ``binary`` (a path, or a name looked up on ``path``)."""
-    if os.sep in binary:
-        if os.path.isfile(binary) and os.access(binary, os.X_OK):
-            return binary
-        raise EngineError(f"{binary} is not an executable file")
-    found = shutil.which(binary, path=path)
-    if found is None:
-        raise EngineError(f"{binary} not found on PATH: run scripts/setup or configure the binary path")
-    return found
 
 
 def as_int(value: Any) -> int:

@@ -2,134 +2,63 @@
 
 Agent CLIs start tools that outlive them: Claude Code's and OpenCode's bash tools run commands in
 their *own* session, so killing the CLI's process group misses them and a SIGTERM of the CLI leaves
-them running. :meth:`CLIProcess.kill_tree` therefore collects the whole tree from ``/proc`` *before*
-signalling anything (once the CLI is dead its orphans are re-parented and the ppid links are lost):
-descendants by parent pid, every process in a session led by one of them, and every process that
-inherited our per-run marker environment variable (which even a double-forked daemon keeps).
+them running. :meth:`CLIProcess.kill_tree` therefore collects the whole tree (see
+:func:`ocbridge.bridge.processes.collect_tree`) *before* signalling anything (once the CLI is dead its
+orphans are re-parented and the ppid links are lost): descendants by parent pid, every process in a
+session led by one of them, and every process that inherited our per-run marker environment variable
+(which even a double-forked daemon keeps). A pid reused since is never signalled (create times are
+compared), and zombies count as dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
-import os
-import secrets
 import signal
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
 from ocbridge.bridge.engines.base import EngineError
+from ocbridge.bridge.processes import (
+    EnvMarker,
+    collect_tree,
+    die_with_parent_hook,
+    is_alive,
+    process_of,
+    signal_all,
+    wait_dead,
+)
 
 log = logging.getLogger(__name__)
 
 #: Environment variable holding a per-run random marker, inherited by every process of the tree.
 MARKER_VAR = "OCBRIDGE_CLI_RUN"
-_PR_SET_PDEATHSIG = 1
 _CHUNK = 256 * 1024
 
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not glibc/musl
-    _libc = None
 
-
-def _die_with_parent(parent: int) -> None:
-    """``preexec_fn``: SIGKILL this child when its parent dies (even by SIGKILL).
-
-    Only async-signal-safe work here (we are between fork and exec). PDEATHSIG fires when the
-    *thread* that forked dies, which is the event loop thread: the loop lives as long as the bridge.
-    """
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-# ------------------------------------------------------------------------------------ /proc
-
-
-def _stat(pid: int) -> tuple[int, int, str, int] | None:
-    """``(ppid, sid, state, starttime)`` of a process, or ``None`` when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[1]), int(fields[3]), fields[0], int(fields[19])
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:  # gone, or not ours to read
-        return False
-
-
-def collect_tree(root: int, marker: str | None = None, root_start: int | None = None) -> dict[int, int]:
-    """Every live process belonging to ``root``'s tree, as ``{pid: starttime}`` (``root`` included).
-
-    Members: descendants by parent pid, members of any session led by a member, and (with
-    ``marker``) any process whose environment holds ``MARKER_VAR=marker``. With ``root_start``, a
-    ``root`` pid whose start time differs (reused by another process) contributes nothing.
-    """
-    table: dict[int, tuple[int, int, str, int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (info := _stat(int(entry))) is not None:
-            table[int(entry)] = info
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_rest) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    members: set[int] = set()
-    same_root = root in table and (root_start is None or table[root][3] == root_start)
-    todo = [root] if same_root else []
-    while todo:
-        pid = todo.pop()
-        if pid not in members:
-            members.add(pid)
-            todo.extend(children.get(pid, ()))
-    leaders = {pid for pid in members if table[pid][1] == pid}
-    members |= {pid for pid, info in table.items() if info[1] in leaders}
-    if marker is not None:
-        wanted = f"{MARKER_VAR}={marker}".encode()
-        members |= {pid for pid in table if pid not in members and _has_marker(pid, wanted)}
-    # Zombies are already dead: only their parent (or init) can reap them.
-    return {pid: table[pid][3] for pid in members if table[pid][2] != "Z"}
-
-
-def _alive(pid: int, starttime: int) -> bool:
-    info = _stat(pid)
-    return info is not None and info[3] == starttime and info[2] != "Z"
-
-
-def _signal_all(procs: Mapping[int, int], sig: signal.Signals) -> None:
-    for pid, starttime in procs.items():
-        # The start time guards against a pid reused since the tree was collected.
-        if _alive(pid, starttime):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
-async def _wait_dead(procs: Mapping[int, int], timeout: float) -> bool:
-    """Wait until none of ``procs`` is alive (zombies count as dead); ``False`` on timeout."""
-    deadline = time.monotonic() + timeout
-    # Polling /proc: most of the tree are not our children, there is nothing to wait on.
-    while any(_alive(pid, start) for pid, start in procs.items()):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    info = _stat(pid)
-    return info is not None and info[2] != "Z"
+async def _finish_shielded(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile, then re-raise the
+    cancellation. A single ``await shield(work)`` survives only the *first* cancel: a second one
+    returns at once while ``work`` goes on unobserved."""
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.cancelled():  # the work itself was cancelled (loop shutdown), not only us
+                raise
+            cancelled = exc
+    if cancelled is None:
+        task.result()  # the work's own error, if any
+        return
+    if (error := task.exception()) is not None:
+        log.error("cleanup failed while cancelled: %s", error, exc_info=error)
+    raise cancelled
 
 
 # ---------------------------------------------------------------------------------- process
@@ -156,15 +85,15 @@ class CLIProcess:
     ) -> None:
         self.argv = list(argv)
         self.cwd = str(cwd)
-        self.marker = secrets.token_hex(8)
-        self.env = {**env, MARKER_VAR: self.marker}
+        self.marker = EnvMarker(MARKER_VAR)
+        self.env = {**env, MARKER_VAR: self.marker.value}
         self.stdin_data = stdin_data
         self.kill_grace = kill_grace
         self.killed = False
         self._stderr = bytearray()
         self._stderr_limit = stderr_limit
         self._proc: asyncio.subprocess.Process | None = None
-        self._start_time: int | None = None  # /proc start time of the CLI: detects a reused pid
+        self._root: psutil.Process | None = None  # the CLI, identified by pid and create time
         self._tasks: list[asyncio.Task[None]] = []
         self._kill_lock = asyncio.Lock()
 
@@ -180,7 +109,6 @@ class CLIProcess:
 
     async def start(self) -> None:
         """Spawn the process; raises :class:`EngineError` when the binary cannot be executed."""
-        parent = os.getpid()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -190,12 +118,11 @@ class CLIProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, parent),
+                preexec_fn=die_with_parent_hook(),
             )
         except OSError as exc:
             raise EngineError(f"cannot start {self.argv[0]} in {self.cwd}: {exc}") from exc
-        if (info := _stat(self._proc.pid)) is not None:
-            self._start_time = info[3]
+        self._root = process_of(self._proc.pid)
         self._tasks.append(asyncio.create_task(self._drain_stderr(), name=f"stderr-{self._proc.pid}"))
         if self.stdin_data is not None:
             self._tasks.append(asyncio.create_task(self._feed_stdin(self.stdin_data), name=f"stdin-{self._proc.pid}"))
@@ -207,8 +134,9 @@ class CLIProcess:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # Shielded: a cancelled run must still finish killing its tree before the cancel propagates.
-        await asyncio.shield(self.close())
+        # A cancelled run must still finish killing its tree before the cancellation propagates,
+        # however many times it is cancelled meanwhile.
+        await _finish_shielded(self.close())
 
     async def close(self) -> None:
         """Kill the tree if the process still runs, then reap it and stop the helper tasks."""
@@ -268,21 +196,20 @@ class CLIProcess:
         async with self._kill_lock:
             self.killed = True
             proc = self._proc
-            tree = collect_tree(proc.pid, self.marker, self._start_time)
+            # Scans of every process run in a thread: on a busy host they would stall the event loop.
+            tree = await asyncio.to_thread(collect_tree, self._root, self.marker)
             if tree:
-                log.info("killing %s process tree of pid %s: %s", self.argv[0], proc.pid, sorted(tree))
-            _signal_all(tree, signal.SIGTERM)
-            await _wait_dead(tree, self.kill_grace)
+                log.info("killing %s process tree of pid %s: %s", self.argv[0], proc.pid, _pids(tree))
+            signal_all(tree, signal.SIGTERM)
+            await wait_dead(tree, self.kill_grace)
             # Anything forked during the grace period joins the tree through its ppid or the marker.
-            survivors = {p: t for p, t in tree.items() if _alive(p, t)}
-            if proc.returncode is None:
-                survivors |= collect_tree(proc.pid, self.marker, self._start_time)
-            survivors |= self._marked()
+            survivors = {p for p in tree if is_alive(p)}
+            survivors |= await asyncio.to_thread(collect_tree, self._root, self.marker)
             if survivors:
-                log.warning("SIGKILL for %s after %.1fs: %s", self.argv[0], self.kill_grace, sorted(survivors))
-                _signal_all(survivors, signal.SIGKILL)
+                log.warning("SIGKILL for %s after %.1fs: %s", self.argv[0], self.kill_grace, _pids(survivors))
+                signal_all(survivors, signal.SIGKILL)
                 # SIGKILL is delivered asynchronously: return only once the tree is really dead.
-                await _wait_dead(survivors, 2.0)
+                await wait_dead(survivors, 2.0)
             try:
                 await asyncio.wait_for(proc.wait(), 5.0)
             except TimeoutError:
@@ -293,20 +220,11 @@ class CLIProcess:
 
     async def _sweep(self) -> None:
         """Kill leftovers of a CLI that already exited (processes still carrying our marker)."""
-        leftovers = self._marked()
+        leftovers = await asyncio.to_thread(collect_tree, None, self.marker)
         if leftovers:
             log.info("%s left %d process(es) behind; killing them", self.argv[0], len(leftovers))
-            _signal_all(leftovers, signal.SIGKILL)
-            await _wait_dead(leftovers, 2.0)
-
-    def _marked(self) -> dict[int, int]:
-        wanted = f"{MARKER_VAR}={self.marker}".encode()
-        found: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            info = _stat(int(entry)) if entry.isdigit() and _has_marker(int(entry), wanted) else None
-            if info is not None and info[2] != "Z":
-                found[int(entry)] = info[3]
-        return found
+            signal_all(leftovers, signal.SIGKILL)
+            await wait_dead(leftovers, 2.0)
 
     async def _drain_stderr(self) -> None:
         """Keep reading stderr (a full pipe would block the CLI), keeping only the tail."""
@@ -326,6 +244,10 @@ class CLIProcess:
             log.debug("%s closed stdin before reading all of it", self.argv[0])
         finally:
             stdin.close()
+
+
+def _pids(procs: Iterable[psutil.Process]) -> list[int]:
+    return sorted(proc.pid for proc in procs)
 
 
 async def run_capture(

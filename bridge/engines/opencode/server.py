@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import tempfile
 import time
@@ -25,7 +24,15 @@ from pathlib import Path
 from typing import IO, Literal
 
 from ocbridge.bridge.engines.base import EngineError
-from ocbridge.bridge.processes import PROVIDER_ENV, die_with_parent, inherited_environment
+from ocbridge.bridge.processes import (
+    PROVIDER_ENV,
+    EnvMarker,
+    die_with_parent_hook,
+    find_binary,
+    inherited_environment,
+    kill_group,
+    kill_marked,
+)
 
 from .api import OpenCodeAPI
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, prepare_opencode_home
@@ -69,7 +76,7 @@ class OpenCodeProcess:
         self.password: str = ""
         self.restarts = 0
         self.generation = 0  # incremented by every successful launch
-        self._marker = ""
+        self._marker: EnvMarker | None = None  # new for every launch
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -143,7 +150,7 @@ class OpenCodeProcess:
 
     def _environment(self) -> dict[str, str]:
         s, root = self.settings, self.state_dir
-        assert root is not None
+        assert root is not None and self._marker is not None
         # Allow-listed only: the server's tools (bash) see this environment, so git tokens, NATS
         # credentials and the bridge's settings stay out. Provider keys pass: OpenCode needs them.
         env = inherited_environment(pattern=PROVIDER_ENV)
@@ -157,17 +164,20 @@ class OpenCodeProcess:
         )
         # Inherited by every process the server starts, even those in their own session (the bash
         # tool's commands): how _terminate finds them.
-        env[MARKER_VAR] = self._marker
+        env[MARKER_VAR] = self._marker.value
         env.update(OFFLINE_SWITCHES)
         env.update(s.extra_env)
         return env
 
     async def _launch(self) -> None:
         s = self.settings
-        binary = _resolve_binary(s.binary)
+        try:
+            binary = find_binary("opencode", s.binary)
+        except FileNotFoundError as exc:
+            raise EngineError(f"OpenCode binary not found or not executable: {exc}") from None
         args = [binary, "serve", "--hostname", s.host, "--port", str(s.port)]
         self._write_log(f"--- starting {' '.join(args)}")
-        self._marker = secrets.token_hex(12)
+        self._marker = EnvMarker(MARKER_VAR)
         started = time.monotonic()
         self._proc = await asyncio.create_subprocess_exec(
             *args,
@@ -177,7 +187,7 @@ class OpenCodeProcess:
             env=self._environment(),
             cwd=str(self.state_dir),
             start_new_session=True,  # own process group: stop() kills the tools it spawned too
-            preexec_fn=die_with_parent,  # a SIGKILLed sidecar must not leave its server behind
+            preexec_fn=die_with_parent_hook(),  # a SIGKILLed sidecar must not leave its server behind
         )
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._recent.clear()
@@ -243,19 +253,20 @@ class OpenCodeProcess:
     async def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
-            _kill_group(proc.pid, signal.SIGTERM)
+            kill_group(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.settings.stop_timeout)
             except TimeoutError:
                 log.warning("OpenCode (pid %s) ignored SIGTERM; killing it", proc.pid)
-                _kill_group(proc.pid, signal.SIGKILL)
+                kill_group(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), 5.0)
         if proc is not None:
-            _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group
+            kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group
             # The bash tool starts commands in their own session (they escape the group) and they
-            # outlive a crashed server as orphans: find them by the environment marker.
-            killed = await asyncio.to_thread(kill_marked, MARKER_VAR, self._marker)
+            # outlive a crashed server as orphans: find them by the environment marker (in a thread:
+            # it reads every process's environment).
+            killed = await asyncio.to_thread(kill_marked, self._marker) if self._marker is not None else 0
             if killed:
                 log.info("killed %d leftover process(es) of the OpenCode server", killed)
         if self._pump is not None:
@@ -315,37 +326,3 @@ class OpenCodeProcess:
                 await listener(what)
             except Exception:
                 log.exception("OpenCode server listener failed on %r", what)
-
-
-def _resolve_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise EngineError(f"OpenCode binary not found or not executable: {name}")
-    return path
-
-
-def kill_marked(name: str, value: str) -> int:
-    """SIGKILL every process whose initial environment holds ``name=value``; return how many."""
-    needle = f"{name}={value}".encode() + b"\0"
-    killed = 0
-    try:
-        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-    except OSError:  # no procfs (not Linux)
-        return 0
-    for pid in pids:
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                if needle not in environ.read() + b"\0":
-                    continue
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except (OSError, ProcessLookupError):
-            continue  # gone, or not ours to read
-    return killed
-
-
-def _kill_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)

@@ -27,7 +27,6 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ocbridge.bridge.processes import kill_group
 from ocbridge.bridge.redact import Redactor, default_redactor
 
 from .errors import GitError, GitTimeout
@@ -200,12 +200,6 @@ async def _read_capped(stream: asyncio.StreamReader | None, limit: int | None) -
     return b"".join(chunks), truncated
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    # git starts helpers (git-remote-https, ssh, index-pack) in its process group: kill them all.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 async def run_git(
     args: Sequence[str],
     cwd: str | Path | None = None,
@@ -269,11 +263,12 @@ async def run_git(
     try:
         (out, truncated), (err, _) = await asyncio.wait_for(communicate(), timeout)
     except TimeoutError:
-        _kill_group(proc)
+        # git starts helpers (git-remote-https, ssh, index-pack) in its process group: kill them all.
+        kill_group(proc.pid)
         await proc.wait()
         raise GitTimeout(f"git {what} timed out after {timeout:g} s and was stopped", redactor=redactor) from None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc.pid)
         with contextlib.suppress(Exception):
             await asyncio.shield(proc.wait())
         raise
