@@ -3,7 +3,16 @@
 replays canned events (its steps are in :mod:`.scripted`). :class:`EngineHost` builds and runs the
 configured one."""
 
-from .base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from .base import (
+    AgentEvent,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    EventSink,
+    PromptRequest,
+    RunOutcome,
+    SessionHandle,
+)
 from .factory import EngineHost, build_engine
 from .scripted import ScriptedEngine
 
@@ -12,6 +21,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineHost",
+    "EngineUnavailable",
     "EventSink",
     "PromptRequest",
     "RunOutcome",

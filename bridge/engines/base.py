@@ -80,6 +80,16 @@ class EngineError(OcbridgeError):
         super().__init__(message, error_type)
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot serve right now through no fault of the task: its server is down or
+    restarting, its event stream is not connected, its store is locked. The task is given back
+    and retried after ``retry_after`` seconds (it does not count against the task's attempts)."""
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Engine(abc.ABC):
     """An agent engine. Implementations must be safe to use from many concurrent tasks."""
 
@@ -106,6 +116,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, directory: Path, session_id: str) -> None:
         """Stop the running prompt of a session. Must return within a few seconds."""
+
+    def healthy(self) -> bool:
+        """Whether the engine can take a task now. A sidecar whose engine is unhealthy stops
+        fetching tasks until it is healthy again, so a broken box never swallows the queue."""
+        return True
 
     async def release(self, directory: Path) -> None:  # noqa: B027 - optional hook
         """Tell the engine a task in ``directory`` is over (it may free per-directory resources)."""

@@ -3,7 +3,8 @@ and the workspace operations (open, close, git) outside any prompt."""
 
 from .emitter import EventEmitter, Publish
 from .ops import OpsHandler
+from .retry import RetryTask
 from .runtime import Runtime, build_runtime
 from .task import TaskPipeline
 
-__all__ = ["EventEmitter", "OpsHandler", "Publish", "Runtime", "TaskPipeline", "build_runtime"]
+__all__ = ["EventEmitter", "OpsHandler", "Publish", "RetryTask", "Runtime", "TaskPipeline", "build_runtime"]

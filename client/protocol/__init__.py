@@ -17,6 +17,7 @@ from .keys import cancel_key, kv_key, kv_name, record_key
 from .naming import Naming, naming_from_env
 from .ops import GitOpRequest, GitOpResult, OpName
 from .results import FileChange, ResultGit, ResultMetrics, ResultSession, ResultWorkspace, TaskResult, TaskStatus
+from .spill import SpillError
 from .state import SessionGit, SessionState, TaskRecord
 from .subjects import is_concrete_subject
 from .tasks import (
@@ -54,6 +55,7 @@ __all__ = [
     "SessionGit",
     "SessionSpec",
     "SessionState",
+    "SpillError",
     "StreamEvent",
     "Task",
     "TaskCallback",

@@ -50,10 +50,17 @@ class EventSession(WireModel):
 
 
 class StreamEvent(WireModel):
-    """One live event on the task's stream subject. ``seq`` starts at 1 and grows by one."""
+    """One live event on the task's stream subject. ``seq`` starts at 1 and grows by one.
+
+    A task given back and run again (its sidecar died, or OpenCode was restarting) starts its
+    events again at ``seq`` 1 with a higher ``attempt``; a consumer keeps the events of the
+    latest attempt (``(attempt, seq)`` is unique).
+    """
 
     task_id: str = Field(alias="taskID")
     seq: int = Field(ge=1)
+    #: Addition: the delivery attempt that produced the event (1 for the first run).
+    attempt: int | None = Field(default=None, ge=1)
     timestamp: str
     type: str
     content: str | None = None

@@ -95,3 +95,6 @@ class GitOpResult(WireModel):
     patch_truncated: bool | None = Field(default=None, alias="patchTruncated")
     error: str | None = None
     error_type: ErrorType | str | None = Field(default=None, alias="errorType")
+    #: Addition: fields moved to the object store because the message would exceed the server's
+    #: ``max_payload`` (field name -> object name); the client puts them back (:mod:`.spill`).
+    spilled: dict[str, str] | None = None

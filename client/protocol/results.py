@@ -83,6 +83,9 @@ class TaskResult(WireModel):
     #: store name of their unified diff (``output/<taskID>/changes.patch``).
     changes: list[FileChange] | None = None
     patch: str | None = None
+    #: Addition: fields moved to the object store because the message would exceed the server's
+    #: ``max_payload`` (field name -> object name); the client puts them back (:mod:`.spill`).
+    spilled: dict[str, str] | None = None
 
     @property
     def ok(self) -> bool:

@@ -40,11 +40,18 @@ class SessionState(WireModel):
 
 class TaskRecord(WireModel):
     """Addition: a task's state in the tasks KV bucket (key ``task.<taskID>``), with its result
-    once published, so a watcher that arrives late (or a redelivered attempt) can see it."""
+    once decided, so a watcher that arrives late (or a redelivered attempt) can see it.
+
+    ``publishing``: the result is decided and stored here but maybe not yet published (a
+    redelivered copy re-publishes it instead of running again); ``done``: published.
+    """
 
     task_id: str = Field(alias="taskID")
-    state: Literal["running", "done", "requeued"]
+    state: Literal["running", "publishing", "done", "requeued", "retrying"]
     sidecar: str | None = None
     attempt: int | None = None
+    #: Attempts that ended without a result through no fault of the task (engine down, KV
+    #: unavailable): they do not count against ``max_attempts``.
+    retries: int | None = None
     updated: str = Field(default_factory=iso_now)
     result: TaskResult | None = None
