@@ -1,10 +1,13 @@
-"""Logging set-up for the sidecar: every record passes through the redaction layer."""
+"""Logging set-up for the sidecar (every record passes through the redaction layer), and
+:func:`logged_suppress` for the failures that must not stop the work but must not vanish either."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 
 from .redact import RedactingFilter, Redactor
 
@@ -39,3 +42,17 @@ def setup_logging(redactor: Redactor, level: str = "INFO", fmt: str = "text") ->
     # Quieten chatty libraries; their warnings still show.
     for name in ("nats", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def logged_suppress(what: str, logger: logging.Logger, *, level: int = logging.WARNING) -> Iterator[None]:
+    """``contextlib.suppress(Exception)`` that logs the failure once: ``"<what> failed: <error>"``.
+
+    For best-effort steps (a final flush, a cleanup, an unsubscribe) whose failure must not end the
+    task but must be visible to an operator. The traceback is added at DEBUG level. Cancellation
+    and ``KeyboardInterrupt``/``SystemExit`` are never swallowed.
+    """
+    try:
+        yield
+    except Exception as exc:
+        logger.log(level, "%s failed: %s", what, exc or type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG))
