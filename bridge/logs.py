@@ -55,4 +55,5 @@ def logged_suppress(what: str, logger: logging.Logger, *, level: int = logging.W
     try:
         yield
     except Exception as exc:
-        logger.log(level, "%s failed: %s", what, exc or type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG))
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        logger.log(level, "%s failed: %s", what, detail, exc_info=logger.isEnabledFor(logging.DEBUG))
