@@ -11,15 +11,16 @@ changes and patches, and the workspace operations.
 from pydantic import ValidationError
 
 from .base import WireModel, describe_validation_error, iso_now
+from .body import BodyError, read_json_object
 from .errors import ErrorType, OcbridgeError, error_type_of
 from .events import EventGit, EventSession, EventType, StreamEvent, ToolInfo
 from .keys import cancel_key, kv_key, kv_name, record_key
-from .naming import Naming, naming_from_env
+from .naming import STATION_BUCKET_TTL, CallbackScope, Naming, naming_from_env
 from .ops import GitOpRequest, GitOpResult, OpName
 from .results import FileChange, ResultGit, ResultMetrics, ResultSession, ResultWorkspace, TaskResult, TaskStatus
 from .spill import SpillError
 from .state import SessionGit, SessionState, TaskRecord
-from .subjects import is_concrete_subject
+from .subjects import callback_problem, is_concrete_subject
 from .tasks import (
     CancelRequest,
     CleanupPolicy,
@@ -33,6 +34,9 @@ from .tasks import (
 )
 
 __all__ = [
+    "STATION_BUCKET_TTL",
+    "BodyError",
+    "CallbackScope",
     "CancelRequest",
     "CleanupPolicy",
     "ErrorType",
@@ -66,6 +70,7 @@ __all__ = [
     "ValidationError",
     "WireModel",
     "WorkspaceSpec",
+    "callback_problem",
     "cancel_key",
     "describe_validation_error",
     "error_type_of",
@@ -74,5 +79,6 @@ __all__ = [
     "kv_key",
     "kv_name",
     "naming_from_env",
+    "read_json_object",
     "record_key",
 ]

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
-__all__ = ["WireModel", "describe_validation_error", "iso_now"]
+__all__ = ["Name", "WireModel", "describe_validation_error", "iso_now"]
+
+
+def _printable(value: str) -> str:
+    # Names become paths, argv items, URL segments, KV keys and environment values: control
+    # characters (NUL, newlines, escapes) have no business in any of them.
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+#: A name from the wire (session, workspace, agent, model, file, branch, author): non-empty,
+#: bounded, no control characters. Where it becomes a path or an argument it is checked again.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_printable)]
 
 
 def iso_now() -> str:

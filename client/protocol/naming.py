@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+#: Which callback subjects a task may name (see :func:`.subjects.callback_problem`):
+#: ``own``: exactly ``<stream_prefix>.<taskID>`` and ``<result_prefix>.<taskID>`` (Station's form);
+#: ``prefix``: any concrete subject under the two prefixes; ``any``: any concrete subject that is
+#: not reserved (the task, cancel, ops and dead-letter subjects, ``$``-prefixed APIs, inboxes).
+CallbackScope = Literal["own", "prefix", "any"]
+
+#: How long Station keeps what it stores in its KV buckets and object store (seconds); whoever
+#: creates them first (Station, a sidecar, a client) creates them with this TTL and history 1.
+STATION_BUCKET_TTL = 7 * 24 * 3600.0
 
 
 class Naming(BaseModel):
@@ -24,11 +35,15 @@ class Naming(BaseModel):
     object_store: str = "opencode-files"
     #: Addition: task records (who runs it, its result) so a late watcher can still get a result.
     tasks_bucket: str = "ocbridge-tasks"
+    #: Addition: session leases (one task per session across sidecars); ``max_age`` = the lease TTL.
+    leases_bucket: str = "ocbridge-leases"
     stream_name: str = "OCBRIDGE_TASKS"
     dead_letter_stream: str = "OCBRIDGE_DEADLETTER"
     consumer_name: str = "ocbridge-workers"
     #: Queue group of the sidecars answering workspace operations (one answers each request).
     ops_queue: str = "ocbridge-ops"
+    #: Which callback subjects a task may name; anything else is dead-lettered, never published to.
+    callbacks: CallbackScope = "own"
 
     def stream_subject(self, task_id: str) -> str:
         return f"{self.stream_prefix}.{task_id}"

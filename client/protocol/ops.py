@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_serializer
 
-from .base import WireModel
+from .base import Name, WireModel
 from .errors import ErrorType
 from .results import FileChange
 from .tasks import CleanupPolicy, GitSpec, Scope
@@ -25,10 +25,10 @@ class GitOpRequest(WireModel):
 
     op: OpName
     #: Session (or workspace name) whose workspace the operation acts on.
-    session: str | None = None
-    workspace: str | None = None
+    session: Name | None = Field(default=None, max_length=200)
+    workspace: Name | None = None
     #: branch: the branch to create or switch to; push: the branch to push (default: the current one).
-    branch: str | None = None
+    branch: Name | None = None
     #: branch: create it when it does not exist (default true).
     create: bool | None = None
     #: commit: the commit message.
@@ -52,8 +52,8 @@ class GitOpRequest(WireModel):
     #: close: whether the work succeeded (``on_success`` cleans up only then).
     success: bool | None = None
     #: commit: author and committer (else the sidecar's ``git.user_name`` / ``git.user_email``).
-    author_name: str | None = Field(default=None, alias="authorName")
-    author_email: str | None = Field(default=None, alias="authorEmail")
+    author_name: Name | None = Field(default=None, alias="authorName", max_length=200)
+    author_email: Name | None = Field(default=None, alias="authorEmail", max_length=200)
 
     @field_serializer("token", when_used="json")
     def _reveal_token(self, token: SecretStr | None) -> str | None:

@@ -28,7 +28,7 @@ class SpillError(ValueError):
 
 def encode(payload: Mapping[str, Any]) -> bytes:
     """The compact JSON every message is sent as."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def spill(

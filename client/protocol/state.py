@@ -53,5 +53,8 @@ class TaskRecord(WireModel):
     #: Attempts that ended without a result through no fault of the task (engine down, KV
     #: unavailable): they do not count against ``max_attempts``.
     retries: int | None = None
+    #: Stream sequence of the message being run: a redelivery of that message means its previous
+    #: attempt died; another message with the same taskID is a duplicate publish.
+    stream_seq: int | None = Field(default=None, alias="streamSeq")
     updated: str = Field(default_factory=iso_now)
     result: TaskResult | None = None

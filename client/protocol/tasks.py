@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_serializer
 
-from .base import WireModel
+from .base import Name, WireModel
 
 __all__ = [
     "CancelRequest",
@@ -28,7 +28,7 @@ Scope = Literal["agent", "workflow"]
 class SessionSpec(WireModel):
     """Which agent session a task runs in. ``continue`` anything but ``false`` reuses it."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name = Field(max_length=200)
     continue_: bool | None = Field(default=None, alias="continue")
 
     @property
@@ -40,7 +40,7 @@ class GitSpec(WireModel):
     """A git repository to clone into (or pull in) the workspace before the prompt."""
 
     url: str = Field(min_length=1)
-    branch: str | None = None
+    branch: Name | None = None
     ref: str | None = None
     # The token travels on the wire in clear (Station sends it so); in memory it is a SecretStr so
     # that reprs, logs and tracebacks never show it.
@@ -57,7 +57,7 @@ class GitSpec(WireModel):
 class WorkspaceSpec(WireModel):
     """Workspace the task runs in: a bare name or an absolute path, confined under the root."""
 
-    name: str = Field(min_length=1, max_length=4096)
+    name: Name
     git: GitSpec | None = None
     # Additions: when the sidecar deletes the workspace, and who owns it.
     cleanup: CleanupPolicy | None = None
@@ -75,8 +75,8 @@ class TaskCallback(WireModel):
 class ModelRef(WireModel):
     """A model choice as OpenCode names it."""
 
-    provider_id: str = Field(alias="providerID")
-    model_id: str = Field(alias="modelID")
+    provider_id: Name = Field(alias="providerID", max_length=200)
+    model_id: Name = Field(alias="modelID", max_length=200)
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
@@ -99,11 +99,11 @@ class Task(WireModel):
     prompt: str = Field(min_length=1)
     timeout: int | None = Field(default=None, ge=1, description="milliseconds")
     callback: TaskCallback
-    agent: str | None = None
+    agent: Name | None = Field(default=None, max_length=200)
     model: ModelRef | None = None
     #: Addition: input files staged in the object store under ``input/<taskID>/<name>``, placed at
     #: ``<workspace>/<name>`` before the prompt.
-    files: list[str] | None = None
+    files: list[Name] | None = Field(default=None, max_length=1000)
 
 
 class CancelRequest(WireModel):
