@@ -35,6 +35,7 @@ class Redactor:
         self._lock = threading.Lock()
         self._secrets: dict[str, int] = {}
         self._regex: re.Pattern[str] | None = None
+        self._values: tuple[str, ...] = ()  # longest first
         for secret in secrets:
             self.add(secret)
 
@@ -61,6 +62,45 @@ class Redactor:
     def _rebuild(self) -> None:
         values = sorted(self._secrets, key=len, reverse=True)
         self._regex = re.compile("|".join(re.escape(v) for v in values)) if values else None
+        self._values = tuple(values)
+
+    @property
+    def longest_secret(self) -> int:
+        """Length of the longest registered secret (0 when none)."""
+        values = self._values
+        return len(values[0]) if values else 0
+
+    def split_stream(self, text: str) -> tuple[str, str]:
+        """Split the text received so far of a stream published in pieces (live ``text`` deltas)
+        into ``(ready, held)``: ``ready`` may be redacted and published now; ``held`` must wait for
+        the next piece, or the end, because a secret may continue in it.
+
+        ``held`` is the longest end of ``text`` that begins a registered secret (so at most
+        :attr:`longest_secret` - 1 characters), moved back to the start of any secret or token
+        shape that straddles the cut and of a token shape still running at the end. Whoever joins
+        the published pieces (each redacted) never sees a registered secret. Token shapes are best
+        effort: one not yet recognisable at the end of a piece can escape.
+        """
+        regex = self._regex
+        hold = 0
+        for secret in self._values:
+            for size in range(min(len(secret) - 1, len(text)), hold, -1):
+                if text.endswith(secret[:size]):
+                    hold = size
+                    break
+        cut = len(text) - hold
+        matches = [
+            (match.start(), match.end(), pattern is not regex)
+            for pattern in ([regex] if regex is not None else []) + _PATTERNS
+            for match in pattern.finditer(text)
+        ]
+        moved = True
+        while moved:  # holding more is always safe; the cut only moves back, so this ends
+            moved = False
+            for begin, end, shape in matches:
+                if begin < cut and (cut < end or (shape and end == len(text))):
+                    cut, moved = begin, True
+        return text[:cut], text[cut:]
 
     def text(self, value: str) -> str:
         """Redact a string."""

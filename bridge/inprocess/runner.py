@@ -3,31 +3,68 @@
 Used by the client's ``opencode`` (HTTP), ``opencode-cli`` and ``claudecode`` backends. Sessions,
 workspace records and files live in folders under ``config.data_dir``; events go to a callback.
 The pipeline, the engines and the git layer are the sidecar's own, so results have the same shape.
+
+Session leases live in ``<data_dir>/leases`` (file locks), so runners in several processes that
+share a ``data_dir`` still run one task at a time per session.
+
+Retries: where the sidecar gives a task back to JetStream (:class:`RetryTask`: the engine is
+unavailable, a store is unreachable), the runner waits the delay asked for (at most 30 s; a cancel
+ends the wait with a ``cancelled`` result) and runs it again, as the next ``attempt``, up to
+``attempts`` runs in all; then the result is an error of the retry's kind (``engine_error``) that
+says how many runs were tried. Each run has the task's full timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 from ocbridge.bridge.config import BridgeConfig
 from ocbridge.bridge.engines.base import Engine
 from ocbridge.bridge.engines.factory import EngineHost
+from ocbridge.bridge.pipeline.retry import RetryTask
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
 from ocbridge.bridge.redact import Redactor, default_redactor
-from ocbridge.bridge.storage.stores import FolderArtifacts, FolderKeyValue
-from ocbridge.client.protocol import GitOpRequest, GitOpResult, SessionState, StreamEvent, Task, TaskResult
+from ocbridge.bridge.storage.stores import FolderArtifacts, FolderKeyValue, KeyValueStore
+from ocbridge.client.protocol import (
+    ErrorType,
+    GitOpRequest,
+    GitOpResult,
+    SessionState,
+    StreamEvent,
+    Task,
+    TaskResult,
+    TaskStatus,
+)
 
 EventCallback = Callable[[StreamEvent], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+_MAX_RETRY_DELAY = 30.0  # seconds between runs of a task at most, whatever the retry asks
 
 
 class LocalRunner:
     """``async with LocalRunner(config) as runner: result = await runner.run(task)``."""
 
-    def __init__(self, config: BridgeConfig, *, engine: Engine | None = None, redactor: Redactor | None = None):
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        engine: Engine | None = None,
+        redactor: Redactor | None = None,
+        leases: KeyValueStore | None = None,
+        attempts: int = 3,
+    ):
+        """``leases``: where session leases live (default: a folder under ``data_dir``);
+        ``attempts``: runs of a task at most when runs end with :class:`RetryTask`."""
         self.config = config
         self.redactor = redactor or default_redactor
         self.engine = engine
+        self.attempts = max(attempts, 1)
+        self._leases = leases
         self._runtime: Runtime | None = None
         self._host: EngineHost | None = None
         self._listeners: dict[str, EventCallback] = {}
@@ -50,6 +87,7 @@ class LocalRunner:
             state=FolderKeyValue(data / "state"),
             artifacts=FolderArtifacts(data / "files"),
             redactor=self.redactor,
+            leases=self._leases if self._leases is not None else FolderKeyValue(data / "leases"),
         )
 
     async def aclose(self) -> None:
@@ -82,12 +120,33 @@ class LocalRunner:
             self._listeners[subject] = on_event
         cancel = self._cancels[task.task_id] = asyncio.Event()
         try:
-            result = await self.runtime.pipeline.run(task, cancel)
+            result = await self._run(task, cancel)
         finally:
             self._listeners.pop(subject, None)
             self._cancels.pop(task.task_id, None)
         # The same redaction as on the wire, so in-process callers see what Station would.
         return TaskResult.model_validate(self.redactor.data(result.to_dict()))
+
+    async def _run(self, task: Task, cancel: asyncio.Event) -> TaskResult:
+        pipeline = self.runtime.pipeline
+        attempt = 1
+        while True:
+            try:
+                return await pipeline.run(task, cancel, attempt=attempt)
+            except RetryTask as exc:
+                if attempt >= self.attempts:
+                    log.warning("task %s: giving up after %d runs: %s", task.task_id, attempt, exc.message)
+                    return pipeline.error_result(
+                        task, f"{exc.message} (gave up after {attempt} runs)", exc.error_type
+                    )
+                delay = min(exc.retry_after, _MAX_RETRY_DELAY)
+                log.info("task %s: run %d not completed (%s); again in %.1fs", task.task_id, attempt,
+                         exc.message, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancel.wait(), delay)
+                if cancel.is_set():
+                    return pipeline.error_result(task, "task cancelled", ErrorType.CANCELLED, TaskStatus.CANCELLED)
+                attempt += 1
 
     def cancel(self, task_id: str) -> bool:
         """Stop a running task (its result then has status ``cancelled``)."""

@@ -54,7 +54,8 @@ class OpsHandler:
             if request.op == "open":
                 return await self._open(request)
             path, state = await self._locate(request)
-            async with self._sessions.lock(state.session_name if state else str(path)):
+            lease_key = state.session_name if state else f"workspace:{path}"
+            async with self._sessions.lease(lease_key, owner=f"op {request.op}"):
                 if request.op == "close":
                     return await self._close(request, path, state)
                 return await self._git(request, path, state)
@@ -71,7 +72,9 @@ class OpsHandler:
         )
 
     async def _locate(self, request: GitOpRequest) -> tuple[Path, SessionState | None]:
-        """The workspace an operation acts on: its session's, or a named workspace."""
+        """The workspace an operation acts on: its session's, or a named workspace. Either way the
+        real path, confined under the workspace root: the ``workspacePath`` of a session record is
+        read back from KV, so a foreign or corrupt record is refused, never acted on."""
         if request.session:
             state = await self._sessions.get(request.session)
             if state is None:
@@ -79,7 +82,7 @@ class OpsHandler:
             if state.closed:
                 raise WorkspaceFailure(f"session {request.session!r} is closed: open it again to continue",
                                        ErrorType.INVALID_TASK)
-            return Path(state.workspace_path), state
+            return self._flow.confined(state.workspace_path, f"session {request.session!r}"), state
         if request.workspace:
             path = self._flow.path_of(request.workspace)
             if not path.is_dir():
@@ -91,7 +94,7 @@ class OpsHandler:
         name = request.session
         if not name:
             raise WorkspaceFailure("open: 'session' is required", ErrorType.INVALID_TASK)
-        async with self._sessions.lock(name):
+        async with self._sessions.lease(name, owner="op open"):
             workspace = self._flow.open(request.workspace or name)
             await self._janitor.touch(
                 workspace.path, policy=request.cleanup, scope=request.scope, scope_id=request.scope_id

@@ -2,6 +2,11 @@
 
 The sidecar passes NATS stores and a NATS publisher; the in-process runner passes folders and a
 callback. Everything else is the same code.
+
+Session leases (one task or operation at a time per session) live in ``leases``: for the sidecar
+a dedicated NATS KV bucket shared by every sidecar, history 1, ``max_age`` = ``lease_ttl``
+(:data:`~ocbridge.bridge.storage.leases.LEASE_BUCKET_SETTINGS`), wrapped in ``NatsKeyValue``; for
+the in-process runner a folder. Without one, leases only exclude tasks within this process.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from ocbridge.bridge.config import BridgeConfig
 from ocbridge.bridge.engines.base import Engine
 from ocbridge.bridge.pipeline.task import TaskPipeline
 from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.leases import DEFAULT_TTL, SessionLeases
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.storage.stores import ArtifactStore, KeyValueStore
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
@@ -38,9 +44,13 @@ def build_runtime(
     state: KeyValueStore,
     artifacts: ArtifactStore,
     redactor: Redactor,
+    leases: KeyValueStore | None = None,
+    lease_ttl: float = DEFAULT_TTL,
+    holder: str | None = None,
 ) -> Runtime:
+    """``holder`` names this process in lease values (the sidecar's id)."""
     root = config.workspace_root.resolve()
-    session_store = SessionStore(sessions, redactor)
+    session_store = SessionStore(sessions, redactor, SessionLeases(leases, ttl=lease_ttl, holder=holder))
     flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor)
     janitor = WorkspaceJanitor(state, root, config.cleanup_policy)
     pipeline = TaskPipeline(

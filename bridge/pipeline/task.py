@@ -2,7 +2,14 @@
 
 The pipeline knows nothing about JetStream (the worker acks and redelivers) and nothing about a
 particular agent (the engine does). It owns Station's event order, the timeout and cancellation,
-the session record, the change report and the shape of the result.
+the session lease and record, the change report and the shape of the result.
+
+One deadline (the task's ``timeout``) covers every phase: the wait for the session lease, the
+workspace (clone or pull, input files), the prompt, the change report and the patch. A cancel or
+the deadline stops the task in any phase within moments: while the prompt runs, the agent is
+aborted and what it did so far is reported; in any other phase the step is cancelled (a git
+process is killed). Failures that are not the task's fault raise :class:`RetryTask` instead of
+giving a result (see :func:`retry_for`).
 """
 
 from __future__ import annotations
@@ -11,10 +18,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
+
+import nats.errors
+import nats.js.errors
 
 from ocbridge.bridge.config import BridgeConfig
-from ocbridge.bridge.engines.base import AgentEvent, Engine, PromptRequest, RunOutcome
+from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineUnavailable, PromptRequest, RunOutcome
+from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.workspace.git import ChangeSet, RepoState
@@ -39,8 +52,67 @@ from ocbridge.client.protocol import (
 )
 
 from .emitter import EventEmitter, Publish
+from .retry import RetryTask
 
 log = logging.getLogger(__name__)
+
+#: Seconds a stopped task gets to collect its changes after the agent was aborted (on top of
+#: twice ``abort_grace``), and a cancelled step to clean up; then it is left behind.
+_WRAP_UP = 10.0
+
+#: NATS failures that say "the server is not reachable now", not "this task is wrong".
+_NATS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+_LEASE_LOST = "lease_lost"
+Phase = Literal["lease", "prepare", "prompt", "finish"]
+
+
+def retry_for(exc: BaseException) -> RetryTask | None:
+    """The :class:`RetryTask` a failure calls for, or ``None`` when it is the task's own failure.
+
+    Retried: :class:`EngineUnavailable` (after its ``retry_after``), and NATS being unreachable
+    (a KV or object store call timed out, no responders, connection closed or reconnecting).
+    """
+    if isinstance(exc, RetryTask):
+        return exc
+    if isinstance(exc, EngineUnavailable):
+        retry = RetryTask(f"engine unavailable: {exc.message}", retry_after=exc.retry_after)
+    elif isinstance(exc, _NATS_UNAVAILABLE):
+        retry = RetryTask(f"NATS unavailable: {type(exc).__name__}: {exc}")
+    else:
+        return None
+    retry.__cause__ = exc
+    return retry
+
+
+class _Stop:
+    """Why a task must stop early, first reason wins: ``cancelled``, ``timeout`` or a lost lease."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.event.set()
+
+    def status(self) -> TaskStatus:
+        if self.reason == _LEASE_LOST:
+            raise RetryTask("the session lease was lost (another sidecar may run the session now)")
+        return TaskStatus(self.reason)
 
 
 @dataclass
@@ -54,6 +126,9 @@ class _Progress:
     outcome: RunOutcome = field(default_factory=RunOutcome)
     changes: ChangeSet | None = None
     patch: str | None = None
+    #: Where the task is: a stop during the prompt aborts the agent, in any other phase it
+    #: cancels the step.
+    phase: Phase = "lease"
 
 
 class TaskPipeline:
@@ -78,8 +153,14 @@ class TaskPipeline:
         self._config = config
         self._redactor = redactor
 
-    async def run(self, task: Task, cancel: asyncio.Event) -> TaskResult:
-        """Run ``task`` to its single result. ``cancel`` being set stops it with ``cancelled``."""
+    async def run(self, task: Task, cancel: asyncio.Event, *, attempt: int = 1) -> TaskResult:
+        """Run ``task`` to its single result; its events carry ``attempt`` (the delivery).
+
+        ``cancel`` being set stops it with ``cancelled``, its deadline with ``timeout``, in any
+        phase. Raises :class:`RetryTask`, with no result, when the failure is not the task's fault
+        (:func:`retry_for`; also a lost session lease): the caller runs it again later, as
+        ``attempt + 1``. A cancellation of this call (shutdown) aborts the agent and propagates.
+        """
         started = time.monotonic()
         emitter = EventEmitter(
             self._publish,
@@ -87,13 +168,14 @@ class TaskPipeline:
             task.task_id,
             self._redactor,
             flush_interval=self._config.text_flush_interval,
+            attempt=attempt,
         )
         progress = _Progress()
         status, error = TaskStatus.COMPLETED, None
         error_type: ErrorType | str | None = None
+        retry: RetryTask | None = None
         try:
-            async with self._sessions.lock(task.session.name):
-                status = await self._run_locked(task, cancel, emitter, progress)
+            status = await self._run_bounded(task, cancel, emitter, progress)
             outcome = progress.outcome
             if status == TaskStatus.COMPLETED and outcome.error:
                 status, error = TaskStatus.ERROR, outcome.error
@@ -106,36 +188,98 @@ class TaskPipeline:
             # The sidecar is shutting down past its grace period: stop the agent, let the worker
             # hand the task back for redelivery (no result from this attempt).
             if progress.session_id and progress.workspace:
-                with contextlib.suppress(Exception):
+                with logged_suppress(f"task {task.task_id}: aborting the agent on shutdown", log):
                     await asyncio.wait_for(
                         asyncio.shield(self._engine.abort(progress.workspace.path, progress.session_id)), 5
                     )
             raise
-        except OcbridgeError as exc:
-            status, error, error_type = TaskStatus.ERROR, exc.message, exc.error_type
         except Exception as exc:
-            log.exception("task %s failed unexpectedly", task.task_id)
-            status, error, error_type = TaskStatus.ERROR, f"internal error: {exc}", error_type_of(exc)
+            retry = retry_for(exc)
+            if retry is not None:
+                pass
+            elif isinstance(exc, OcbridgeError):
+                status, error, error_type = TaskStatus.ERROR, exc.message, exc.error_type
+            else:
+                log.exception("task %s failed unexpectedly", task.task_id)
+                status, error, error_type = TaskStatus.ERROR, f"internal error: {exc}", error_type_of(exc)
         finally:
             if progress.workspace is not None:
-                with contextlib.suppress(Exception):
+                with logged_suppress(f"task {task.task_id}: releasing the engine's workspace", log):
                     await self._engine.release(progress.workspace.path)
 
-        if error is not None and status == TaskStatus.ERROR:
-            with contextlib.suppress(Exception):
+        if retry is not None:
+            log.warning("task %s (attempt %d) to be retried in %.0fs: %s",
+                        task.task_id, attempt, retry.retry_after, self._redactor.text(retry.message))
+            with logged_suppress(f"task {task.task_id}: publishing the last events", log):
+                await emitter.aclose()
+            raise retry
+        with logged_suppress(f"task {task.task_id}: publishing the last events", log):
+            await emitter.flush(final=True)  # all the text, before the error event
+            if error is not None and status == TaskStatus.ERROR:
                 await emitter.emit(EventType.ERROR, content=self._redactor.text(error))
-        with contextlib.suppress(Exception):
-            await emitter.flush()
+            await emitter.aclose()
         result = self._result(task, status, error, error_type, progress, emitter, started)
         if progress.workspace is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress(f"task {task.task_id}: workspace clean-up", log):
                 await self._janitor.after_task(progress.workspace.path, status == TaskStatus.COMPLETED)
         return result
 
+    def error_result(
+        self, task: Task, error: str, error_type: ErrorType | str, status: TaskStatus = TaskStatus.ERROR
+    ) -> TaskResult:
+        """A result of the usual shape for a task that could not run (e.g. its retries gave up)."""
+        return self._result(task, status, error, error_type, _Progress(), None, time.monotonic())
+
     # ------------------------------------------------------------------------------ the steps
 
-    async def _run_locked(
+    async def _run_bounded(
         self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: _Progress
+    ) -> TaskStatus:
+        """Run the task's steps until they end, the deadline passes, or ``cancel`` is set."""
+        stop = _Stop()
+        timer = asyncio.get_running_loop().call_later(self._timeout(task), stop.set, TaskStatus.TIMEOUT.value)
+        relay = asyncio.create_task(_relay(cancel, stop))
+        body = asyncio.create_task(self._steps(task, stop, emitter, progress), name=f"ocbridge-task-{task.task_id}")
+        interrupted = False
+        try:
+            stopper = asyncio.create_task(stop.event.wait())
+            try:
+                await asyncio.wait({body, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+            if not body.done() and progress.phase == "prompt":
+                # The prompt aborts the agent itself and the changes so far are collected.
+                await asyncio.wait({body}, timeout=2 * self._config.abort_grace + _WRAP_UP)
+            if not body.done():
+                interrupted = True
+                log.info("task %s: %s while in phase %s", task.task_id, stop.reason, progress.phase)
+        finally:
+            timer.cancel()
+            relay.cancel()
+            if not body.done():  # interrupted, or this call is cancelled (shutdown)
+                body.cancel()
+                await asyncio.wait({body}, timeout=_WRAP_UP)
+                if not body.done():
+                    log.warning("task %s: its %s step did not stop within %.0fs", task.task_id,
+                                progress.phase, _WRAP_UP)
+        if interrupted or body.cancelled():
+            if body.done() and not body.cancelled() and body.exception() is not None:
+                log.debug("task %s: stopped step failed: %r", task.task_id, body.exception())
+            if stop.reason is None:
+                raise RuntimeError("the task's steps were cancelled from outside")
+            return stop.status()
+        return body.result()
+
+    async def _steps(self, task: Task, stop: _Stop, emitter: EventEmitter, progress: _Progress) -> TaskStatus:
+        progress.phase = "lease"
+        async with self._sessions.lease(
+            task.session.name, owner=f"task {task.task_id}", on_lost=lambda: stop.set(_LEASE_LOST)
+        ):
+            progress.phase = "prepare"
+            return await self._run_locked(task, stop, emitter, progress)
+
+    async def _run_locked(
+        self, task: Task, stop: _Stop, emitter: EventEmitter, progress: _Progress
     ) -> TaskStatus:
         spec = task.workspace
         workspace = progress.workspace = self._flow.open(spec.name)
@@ -152,20 +296,25 @@ class TaskPipeline:
             baseline = await self._flow.baseline(workspace)
 
             state = await self._open_session(task, workspace, emitter, progress)
-            if cancel.is_set():
-                return TaskStatus.CANCELLED
+            if stop.event.is_set():
+                return stop.status()
+            progress.phase = "prompt"
             await emitter.emit(EventType.PROMPT_SENT, content=task.prompt)
             request = PromptRequest(
                 directory=workspace.path, session_id=state.opencode_id, prompt=task.prompt,
                 model=task.model, agent=task.agent,
             )
-            status = await self._prompt(request, task, cancel, emitter, progress)
+            status = await self._prompt(request, task, stop, emitter, progress)
+            progress.phase = "finish"
 
             outcome = progress.outcome
             if outcome.session_id:  # a CLI engine created the session during the run
                 state.opencode_id = progress.session_id = outcome.session_id
             progress.changes = await self._flow.changes(workspace, baseline)
-            progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
+            # The agent's work is done: NATS being briefly unreachable now costs the patch or the
+            # session record's update (logged), not a second run of the prompt.
+            with _unless_unavailable(f"task {task.task_id}: storing the patch"):
+                progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
             state.message_count = outcome.message_count or state.message_count + 1
             state.last_used = iso_now()
             if progress.repo is not None or progress.changes.git:
@@ -175,7 +324,8 @@ class TaskPipeline:
                     lastCommit=progress.changes.commit,
                 )
             progress.message_count = state.message_count
-            await self._sessions.put(state)
+            with _unless_unavailable(f"task {task.task_id}: updating the session record"):
+                await self._sessions.put(state)
             return status
 
     async def _open_session(
@@ -196,11 +346,11 @@ class TaskPipeline:
         self,
         request: PromptRequest,
         task: Task,
-        cancel: asyncio.Event,
+        stop: _Stop,
         emitter: EventEmitter,
         progress: _Progress,
     ) -> TaskStatus:
-        """Run the prompt until it ends, the deadline passes or the task is cancelled."""
+        """Run the prompt until it ends or the task must stop (then the agent is aborted)."""
 
         async def on_event(event: AgentEvent) -> None:
             if event.kind == "text":
@@ -212,25 +362,22 @@ class TaskPipeline:
             elif event.kind == "tool_end" and event.tool is not None:
                 await emitter.tool(EventType.TOOL_END, event.tool)
 
+        if stop.event.is_set():
+            return stop.status()
         run = asyncio.create_task(self._engine.run(request, on_event))
-        stopper = asyncio.create_task(cancel.wait())
+        stopper = asyncio.create_task(stop.event.wait())
         try:
-            done, _ = await asyncio.wait(
-                {run, stopper}, timeout=self._timeout(task), return_when=asyncio.FIRST_COMPLETED
-            )
-            if run in done:
+            await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
                 progress.outcome = run.result()
                 return TaskStatus.COMPLETED
-            status = TaskStatus.CANCELLED if cancel.is_set() else TaskStatus.TIMEOUT
-            log.info("task %s: %s, aborting the agent", task.task_id, status.value)
+            log.info("task %s: %s, aborting the agent", task.task_id, stop.reason)
             progress.outcome = await self._abort(request, run)
-            return status
+            return stop.status()
         finally:
             stopper.cancel()
             if not run.done():
-                run.cancel()
-                with contextlib.suppress(BaseException):
-                    await run
+                await _reap(run)
 
     async def _abort(self, request: PromptRequest, run: asyncio.Task[RunOutcome]) -> RunOutcome:
         grace = self._config.abort_grace
@@ -240,7 +387,8 @@ class TaskPipeline:
             log.warning("abort of session %s failed: %s", request.session_id, exc)
         try:
             return await asyncio.wait_for(asyncio.shield(run), grace)
-        except Exception:
+        except Exception as exc:
+            log.info("session %s: no outcome after the abort (%s)", request.session_id, type(exc).__name__)
             return RunOutcome(aborted=True)
 
     def _timeout(self, task: Task) -> float:
@@ -253,7 +401,7 @@ class TaskPipeline:
         error: str | None,
         error_type: ErrorType | str | None,
         progress: _Progress,
-        emitter: EventEmitter,
+        emitter: EventEmitter | None,
         started: float,
     ) -> TaskResult:
         outcome, workspace, changes = progress.outcome, progress.workspace, progress.changes
@@ -273,8 +421,8 @@ class TaskPipeline:
                 duration=int((time.monotonic() - started) * 1000),
                 promptTokens=outcome.prompt_tokens,
                 completionTokens=outcome.completion_tokens,
-                toolCalls=max(outcome.tool_calls, emitter.tool_calls),
-                streamEvents=emitter.count,
+                toolCalls=max(outcome.tool_calls, emitter.tool_calls if emitter else 0),
+                streamEvents=emitter.count if emitter else 0,
                 cost=outcome.cost,
             ),
             error=error,
@@ -282,3 +430,31 @@ class TaskPipeline:
             changes=changes.changes if changes else None,
             patch=progress.patch,
         )
+
+
+@contextlib.contextmanager
+def _unless_unavailable(what: str) -> Iterator[None]:
+    """Go on when NATS is unreachable (logged once); any other failure still raises."""
+    try:
+        yield
+    except _NATS_UNAVAILABLE as exc:
+        log.warning("%s failed, NATS unavailable: %s: %s", what, type(exc).__name__, exc)
+
+
+async def _relay(cancel: asyncio.Event, stop: _Stop) -> None:
+    await cancel.wait()
+    stop.set(TaskStatus.CANCELLED.value)
+
+
+async def _reap(task: asyncio.Task) -> None:
+    """Cancel ``task`` and wait until it ends. Its own cancellation or failure is expected here;
+    a cancellation of the caller while it waits (a second cancel) is re-raised."""
+    task.cancel()
+    current = asyncio.current_task()
+    cancelling = current.cancelling() if current is not None else 0
+    try:
+        await task
+    except (asyncio.CancelledError, Exception) as exc:
+        if current is not None and current.cancelling() > cancelling:
+            raise
+        log.debug("cancelled %s ended with %r", task.get_name(), exc)

@@ -1,6 +1,7 @@
 """Where state and files live: key-value stores and object stores (NATS, or folders for the
 in-process backends), and the session records Station reads."""
 
+from .leases import Lease, MemoryKeyValue, SessionLeases
 from .sessions import SessionStore
 from .stores import (
     ArtifactStore,
@@ -9,6 +10,7 @@ from .stores import (
     KeyValueStore,
     NatsArtifacts,
     NatsKeyValue,
+    RevisionMismatch,
     get_json,
 )
 
@@ -17,8 +19,12 @@ __all__ = [
     "FolderArtifacts",
     "FolderKeyValue",
     "KeyValueStore",
+    "Lease",
+    "MemoryKeyValue",
     "NatsArtifacts",
     "NatsKeyValue",
+    "RevisionMismatch",
+    "SessionLeases",
     "SessionStore",
     "get_json",
 ]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ocbridge.bridge.redact import Redactor
 from ocbridge.client.protocol import SessionGit, SessionState, iso_now
 
+from .leases import Lease, SessionLeases
 from .stores import KeyValueStore, get_json
 
 if TYPE_CHECKING:
@@ -18,16 +19,20 @@ if TYPE_CHECKING:
 
 
 class SessionStore:
-    """Reads and writes :class:`SessionState`; serialises work on one session within a process."""
+    """Reads and writes :class:`SessionState`; serialises work on one session with a lease
+    (across every sidecar sharing ``leases``' store; within this process when none is given)."""
 
-    def __init__(self, store: KeyValueStore, redactor: Redactor) -> None:
+    def __init__(self, store: KeyValueStore, redactor: Redactor, leases: SessionLeases | None = None) -> None:
         self._store = store
         self._redactor = redactor
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.leases = leases or SessionLeases()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        """Held while a task or an operation works in the session: one at a time per session."""
-        return self._locks[name]
+    def lease(
+        self, name: str, *, owner: str, on_lost: Callable[[], None] | None = None
+    ) -> AbstractAsyncContextManager[Lease]:
+        """Held while a task or an operation works in the session: one at a time per session.
+        Waits while another holds it; ``on_lost`` is called if the lease is lost while held."""
+        return self.leases.hold(name, owner=owner, on_lost=on_lost)
 
     async def get(self, name: str) -> SessionState | None:
         data = await get_json(self._store, name)

@@ -6,35 +6,56 @@ Policies: ``on_success`` deletes an agent-scoped workspace after a task that com
 Independently, the sweeper deletes workspaces nobody used for ``workspace_max_age``.
 
 Each workspace has a record in a key-value store (the state bucket for the sidecar, so several
-sidecars sharing a volume agree), keyed by its path.
+sidecars sharing a volume agree), keyed by its path. Records are read leniently (unknown keys are
+ignored, an unreadable record counts as absent), and a deletion only ever happens under the root,
+whatever a record says (:func:`~.paths.remove_tree`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ocbridge.bridge.storage.stores import KeyValueStore, get_json
 from ocbridge.client.protocol import CleanupPolicy, Scope
+
+from .paths import WorkspaceError, remove_tree
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "ocbridge.workspace."
 
 
-@dataclass
-class WorkspaceRecord:
+class WorkspaceRecord(BaseModel):
+    """What the janitor keeps about one workspace. Keys it does not know (written by a newer sidecar
+    or another tool) are ignored, never an error."""
+
+    model_config = ConfigDict(extra="ignore")
+
     path: str
     policy: CleanupPolicy = "manual"
     scope: Scope = "agent"
     scope_id: str | None = None
-    last_used: float = field(default_factory=time.time)
+    last_used: float = Field(default_factory=time.time)
+
+
+def _parse(key: str, data: dict[str, Any] | None) -> WorkspaceRecord | None:
+    """The record stored under ``key``; an unreadable one is logged and counts as absent (it is
+    overwritten at the next use of the workspace)."""
+    if data is None:
+        return None
+    try:
+        return WorkspaceRecord.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in exc.errors())
+        log.warning("ignoring the unreadable workspace record %s (%s)", key, problems)
+        return None
 
 
 class WorkspaceJanitor:
@@ -49,8 +70,8 @@ class WorkspaceJanitor:
     # ------------------------------------------------------------------------------ bookkeeping
 
     async def record(self, path: Path) -> WorkspaceRecord | None:
-        data = await get_json(self._store, _PREFIX + str(path))
-        return WorkspaceRecord(**data) if data else None
+        key = _PREFIX + str(path)
+        return _parse(key, await get_json(self._store, key))
 
     async def touch(
         self,
@@ -63,11 +84,12 @@ class WorkspaceJanitor:
     ) -> WorkspaceRecord:
         """Note that ``path`` is in use now (or ``at``, a Unix time); policy and scope stick once given."""
         record = await self.record(path) or WorkspaceRecord(path=str(path), policy=self.default_policy)
+        record.path = str(path)
         record.policy = policy or record.policy
         record.scope = scope or record.scope
         record.scope_id = scope_id or record.scope_id
         record.last_used = time.time() if at is None else at
-        await self._store.put(_PREFIX + str(path), json.dumps(asdict(record)).encode())
+        await self._store.put(_PREFIX + str(path), record.model_dump_json().encode())
         return record
 
     @contextlib.contextmanager
@@ -101,15 +123,27 @@ class WorkspaceJanitor:
         return False
 
     async def delete(self, path: Path) -> bool:
-        """Delete a workspace folder and its record (refuses anything outside the root)."""
+        """Delete a workspace folder and its record (refuses anything outside the root, symlinks
+        included: the deletion never follows a link out of it)."""
         path = Path(path)
-        resolved = path.resolve()
-        if resolved == self._root or self._root not in resolved.parents:
-            log.error("refusing to delete %s: not under the workspace root", path)
-            return False
         if str(path) in self._in_use:
             return False
-        await asyncio.to_thread(shutil.rmtree, resolved, ignore_errors=True)
+        failures: list[str] = []
+
+        def on_error(where: str, exc: BaseException) -> None:
+            failures.append(f"{where}: {exc}")
+
+        try:
+            await asyncio.to_thread(remove_tree, self._root, path, on_error)
+        except WorkspaceError as exc:
+            log.error("refusing to delete %s: %s", path, exc)
+            return False
+        except OSError as exc:
+            log.error("could not delete workspace %s: %s", path, exc)
+            return False
+        if failures:
+            log.warning("deleting workspace %s: %d entr%s could not be removed (first: %s)", path, len(failures),
+                        "y" if len(failures) == 1 else "ies", failures[0])
         await self._store.delete(_PREFIX + str(path))
         log.info("deleted workspace %s", path)
         return True
@@ -121,13 +155,15 @@ class WorkspaceJanitor:
         for key in await self._store.keys():
             if not key.startswith(_PREFIX):
                 continue
-            data = await get_json(self._store, key)
-            if not data or now - float(data.get("last_used", now)) < max_age:
+            record = _parse(key, await get_json(self._store, key))
+            if record is None or now - record.last_used < max_age:
                 continue
-            if data.get("scope") == "workflow" and data.get("policy") == "manual":
+            if record.scope == "workflow" and record.policy == "manual":
                 continue  # a manual workflow workspace is the operator's to remove
-            if await self.delete(Path(data["path"])):
-                removed.append(data["path"])
+            # The key names the workspace (the record's own ``path`` is informative only).
+            path = key[len(_PREFIX):]
+            if await self.delete(Path(path)):
+                removed.append(path)
         return removed
 
     async def sweep_forever(self, max_age: float, interval: float) -> None:

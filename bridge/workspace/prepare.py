@@ -7,6 +7,7 @@ take a baseline before the prompt and collect the changes (and their patch) afte
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,10 +22,19 @@ from ocbridge.bridge.workspace.git import (
     RepoState,
     begin,
     collect,
+    parse_remote_url,
     prepare,
     resolve_token,
 )
-from ocbridge.bridge.workspace.paths import Workspace, WorkspaceError, open_workspace, resolve_workspace_path
+from ocbridge.bridge.workspace.paths import (
+    Workspace,
+    WorkspaceError,
+    confine,
+    open_workspace,
+    relative_parts,
+    resolve_workspace_path,
+    write_file,
+)
 from ocbridge.client.protocol import ErrorType, EventGit, GitSpec, OcbridgeError
 
 #: ``emit(event_type, git=EventGit, content=...)``: how git progress reaches the task's events.
@@ -59,11 +69,22 @@ class WorkspaceFlow:
             redactor.add(default)
 
     def path_of(self, name: str) -> Path:
-        """The confined path of a workspace name (raises :class:`WorkspaceFailure`)."""
+        """The real path of a workspace name, confined under the root (symlinks included); the
+        folder need not exist. Raises :class:`WorkspaceFailure`."""
         try:
-            return resolve_workspace_path(self.root, name)
+            return confine(self.root, resolve_workspace_path(self.root, name), f"workspace {name!r}:")
         except WorkspaceError as exc:
             raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
+
+    def confined(self, stored: str, owner: str) -> Path:
+        """The real path of a workspace path read back from a store (a session's ``workspacePath``),
+        refused unless it lies under the root: a foreign or corrupt record must never make git or a
+        deletion run elsewhere. ``owner`` names the record in the error (``session 'x'``)."""
+        try:
+            return confine(self.root, stored, f"{owner}: the recorded workspace")
+        except WorkspaceError as exc:
+            raise WorkspaceFailure(f"{exc}; refused (open the session again to give it a workspace)",
+                                   ErrorType.WORKSPACE_ERROR) from None
 
     def open(self, name: str) -> Workspace:
         try:
@@ -80,16 +101,44 @@ class WorkspaceFlow:
         """The token for ``url`` (task token, a key of the state bucket, or the sidecar's), masked
         everywhere while in use."""
         if token is None and token_from_kv:
-            raw = await self._state.get(token_from_kv)
-            if raw is None:
-                raise WorkspaceFailure(f"tokenFromKV: no key {token_from_kv!r} in the state bucket", "git_error")
-            token = raw.decode().strip()
+            token = await self._kv_token(url, token_from_kv)
         resolved = resolve_token(self.git, url, token)
         self._redactor.add(resolved)
         try:
             yield resolved
         finally:
             self._redactor.remove(resolved)
+
+    async def _kv_token(self, url: str, key: str) -> str:
+        """The token stored under ``key`` in the state bucket, for ``url``.
+
+        Like the sidecar's own token, it is only sent to the hosts in ``git.token_hosts`` (when that
+        list is set): a task names both the key and the URL, so without this check it could send any
+        value of the bucket to a host of its choosing. The host is checked before the value is read,
+        and the value never appears in an error.
+        """
+        if url:
+            try:
+                origin = parse_remote_url(url, self.git, redactor=self._redactor).origin
+            except GitError as exc:
+                raise WorkspaceFailure(exc.message, exc.error_type) from None
+            # ``origin`` is None for ssh/git/file URLs: git never sends a token there.
+            if origin is not None and not self.git.token_allowed_for(origin):
+                allowed = ", ".join(self.git.token_hosts)
+                raise WorkspaceFailure(
+                    f"tokenFromKV {key!r} refused: {origin} is not in git.token_hosts ({allowed}); a token "
+                    "from the state bucket is only sent to those hosts", ErrorType.INVALID_TASK)
+        raw = await self._state.get(key)
+        if raw is None:
+            raise WorkspaceFailure(f"tokenFromKV: no key {key!r} in the state bucket", ErrorType.GIT_ERROR)
+        try:
+            token = raw.decode().strip()
+        except UnicodeDecodeError:
+            raise WorkspaceFailure(f"tokenFromKV: the value of {key!r} is not UTF-8 text",
+                                   ErrorType.GIT_ERROR) from None
+        if not token:
+            raise WorkspaceFailure(f"tokenFromKV: the value of {key!r} is empty", ErrorType.GIT_ERROR)
+        return token
 
     async def clone_or_pull(self, workspace: Workspace, spec: GitSpec, emit: GitEmit | None) -> RepoState:
         """Clone the repository into the workspace, or update the existing clone."""
@@ -108,21 +157,32 @@ class WorkspaceFlow:
                 raise WorkspaceFailure(self._redactor.text(str(exc)), exc.error_type) from None
 
     async def place_inputs(self, task_id: str, workspace: Workspace, names: list[str]) -> list[str]:
-        """Copy ``input/<taskID>/<name>`` from the object store to ``<workspace>/<name>``."""
+        """Copy ``input/<taskID>/<name>`` from the object store to ``<workspace>/<name>``.
+
+        The name is confined to the workspace, and the file is written without following any link
+        (a symlink left by the agent or a cloned repository, ``docs -> /home/u/.ssh``, is refused).
+        """
         placed = []
         for name in names:
             try:
-                target = resolve_workspace_path(workspace.path, name)
+                relative_parts(workspace.path, name, "input file", "the workspace")
             except WorkspaceError as exc:
+                raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
+            try:
+                data = await self._artifacts.get(f"input/{task_id}/{name}")
+            except ValueError as exc:  # a folder store refusing the name
                 raise WorkspaceFailure(f"input file {name!r}: {exc}", ErrorType.INVALID_TASK) from None
-            data = await self._artifacts.get(f"input/{task_id}/{name}")
             if data is None:
                 raise WorkspaceFailure(
                     f"input file {name!r} is not staged under input/{task_id}/", ErrorType.INVALID_TASK
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            placed.append(str(target.relative_to(workspace.path)))
+            try:
+                placed.append(await asyncio.to_thread(write_file, workspace.path, name, data))
+            except WorkspaceError as exc:
+                raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
+            except OSError as exc:
+                raise WorkspaceFailure(f"input file {name!r}: cannot write it: {exc.strerror}",
+                                       ErrorType.WORKSPACE_ERROR) from None
         return placed
 
     async def baseline(self, workspace: Workspace) -> Baseline:

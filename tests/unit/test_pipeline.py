@@ -1,22 +1,39 @@
 """The whole task pipeline in-process, driven by the scripted engine: what Station would see.
 
 Workspace, session record, live events, timeout, cancellation, change report and result, with no
-OpenCode, model or NATS. Every test runs in milliseconds.
+OpenCode, model or NATS. Every test runs in milliseconds. Slow steps are simulated with stores and
+scripts that block on events the test controls, never with sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
 from pathlib import Path
 
+import nats.errors
 import pytest
 
 from ocbridge.bridge.config import load_config
-from ocbridge.bridge.engines.scripted import Delay, Fail, Raise, ScriptedEngine, Thinking, Tool, Usage, WriteFile
+from ocbridge.bridge.engines.base import EngineUnavailable
+from ocbridge.bridge.engines.scripted import (
+    Delay,
+    Fail,
+    Raise,
+    ScriptedEngine,
+    Text,
+    Thinking,
+    Tool,
+    Usage,
+    WriteFile,
+)
 from ocbridge.bridge.inprocess.runner import LocalRunner
-from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.pipeline import RetryTask, TaskPipeline, build_runtime
+from ocbridge.bridge.redact import MASK, Redactor
+from ocbridge.bridge.storage.leases import MemoryKeyValue
+from ocbridge.bridge.storage.stores import FolderArtifacts, FolderKeyValue, RevisionMismatch
 from ocbridge.client.protocol import ErrorType, FileChange, StreamEvent, Task, TaskResult, TaskStatus
 
 SECRET = "hunter2-very-secret-value"
@@ -31,13 +48,14 @@ def config(tmp_path):
 
 
 def make_task(task_id: str = "t1", prompt: str = "do the thing", *, session: str = "s1", workspace: str = "ws",
-              reuse: bool | None = None, timeout: int | None = None) -> Task:
+              reuse: bool | None = None, timeout: int | None = None, files: list[str] | None = None) -> Task:
     return Task.model_validate({
         "taskID": task_id,
         "session": {"name": session, **({} if reuse is None else {"continue": reuse})},
         "workspace": {"name": workspace},
         "prompt": prompt,
         "timeout": timeout,
+        "files": files,
         "callback": {"streamSubject": f"stream.{task_id}", "resultSubject": f"result.{task_id}"},
     })
 
@@ -263,3 +281,294 @@ async def test_registered_secrets_never_leave_in_events_or_results(config, tmp_p
     assert SECRET not in wire and "***" in wire
     assert engine.requests[0].prompt == f"use {SECRET}"  # the engine itself gets the real prompt
     assert SECRET not in (tmp_path / "data" / "files" / ok.patch).read_text()
+
+
+# ------------------------------------------------------------------- deadline, cancel, leases, retries
+
+
+class Events(list):
+    """Events published by a pipeline built directly (no runner), decoded."""
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.append(StreamEvent.from_wire(data))
+
+
+def build_pipeline(config, engine, *, artifacts=None, sessions=None, leases=None, lease_ttl: float = 30.0,
+                   redactor: Redactor | None = None) -> tuple[TaskPipeline, Events]:
+    data = config.data_dir
+    events = Events()
+    runtime = build_runtime(
+        config, engine, publish=events.publish,
+        sessions=sessions or FolderKeyValue(data / "sessions"), state=FolderKeyValue(data / "state"),
+        artifacts=artifacts or FolderArtifacts(data / "files"), redactor=redactor or Redactor(),
+        leases=leases, lease_ttl=lease_ttl,
+    )
+    return runtime.pipeline, events
+
+
+class StuckArtifacts(FolderArtifacts):
+    """An object store whose downloads hang (a slow workspace step) until ``release`` is set."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.finished = False
+
+    async def get(self, name: str) -> bytes | None:
+        self.started.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.finished = True
+        return b"data"
+
+
+class WatchedLeases:
+    """A lease store that says when someone was refused a lease (so is waiting for it)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.refused = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return await self.inner.create(key, value)
+        except RevisionMismatch:
+            self.refused.set()
+            raise
+
+
+class Gate:
+    """A script whose runs record their start and end; the run of prompt ``first`` waits in
+    between until ``open`` is set."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.started = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def __call__(self, request):
+        self.log.append(("start", request.prompt))
+        if request.prompt == "first":
+            self.started.set()
+            await self.open.wait()
+        self.log.append(("end", request.prompt))
+        yield f"done {request.prompt}"
+
+
+async def test_events_carry_the_attempt(config):
+    pipeline, events = build_pipeline(config, ScriptedEngine(["ok"]))
+    result = await pipeline.run(make_task(), asyncio.Event(), attempt=3)
+    assert result.ok and events and {e.attempt for e in events} == {3}
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+    async with runner(config, ScriptedEngine(["ok"])) as r:
+        _, in_process = await run(r, make_task("t2"))
+    assert {e.attempt for e in in_process} == {1}
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+async def test_cancel_and_deadline_cover_a_slow_workspace_step(config, tmp_path, stop):
+    artifacts = StuckArtifacts(tmp_path / "files")
+    engine = ScriptedEngine(["unreachable"])
+    pipeline, events = build_pipeline(config, engine, artifacts=artifacts)
+    cancel = asyncio.Event()
+    task = make_task(files=["input.txt"], timeout=100 if stop == "deadline" else None)
+
+    running = asyncio.create_task(pipeline.run(task, cancel))
+    await artifacts.started.wait()
+    started = time.monotonic()
+    if stop == "cancel":
+        cancel.set()
+    result = await running
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.0 and artifacts.finished  # the download was stopped, not left running
+    expected = TaskStatus.CANCELLED if stop == "cancel" else TaskStatus.TIMEOUT
+    assert result.status == expected and result.error_type == expected.value
+    assert types(events) == ["workspace_created"]  # the events so far are kept
+    assert result.workspace.path is not None and result.metrics.stream_events == 1
+    assert engine.requests == []
+
+    after = await pipeline.run(make_task("t2"), asyncio.Event())  # the session lease was released
+    assert after.ok
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+async def test_cancel_and_deadline_cover_the_wait_for_the_session_lease(config, stop):
+    gate = Gate()
+    engine = ScriptedEngine(gate)
+    watched = WatchedLeases(MemoryKeyValue())
+    pipeline, events = build_pipeline(config, engine, leases=watched)
+
+    first = asyncio.create_task(pipeline.run(make_task("t1", "first"), asyncio.Event()))
+    await gate.started.wait()
+    cancel = asyncio.Event()
+    second = asyncio.create_task(
+        pipeline.run(make_task("t2", "second", timeout=100 if stop == "deadline" else None), cancel)
+    )
+    await watched.refused.wait()  # the second task waits for the lease
+    started = time.monotonic()
+    if stop == "cancel":
+        cancel.set()
+    result = await second
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.0
+    expected = TaskStatus.CANCELLED if stop == "cancel" else TaskStatus.TIMEOUT
+    assert result.status == expected and result.error_type == expected.value
+    assert result.metrics.stream_events == 0 and result.workspace.path is None
+    assert [e.task_id for e in events] == ["t1"] * len(events)  # the waiting task published nothing
+    gate.open.set()
+    assert (await first).ok
+    assert gate.log == [("start", "first"), ("end", "first")]
+
+
+async def test_two_runners_sharing_a_store_never_run_one_session_at_once(config, tmp_path):
+    gate = Gate()
+    shared = tmp_path / "leases"
+    one = LocalRunner(config, engine=ScriptedEngine(gate), redactor=Redactor(),
+                      leases=WatchedLeases(FolderKeyValue(shared)))
+    two_leases = WatchedLeases(FolderKeyValue(shared))
+    two = LocalRunner(config, engine=ScriptedEngine(gate), redactor=Redactor(), leases=two_leases)
+    async with one, two:
+        first = asyncio.create_task(one.run(make_task("t1", "first")))
+        await gate.started.wait()
+        second = asyncio.create_task(two.run(make_task("t2", "second")))
+        await two_leases.refused.wait()  # the other runner waits for the session's lease...
+        other = await two.run(make_task("t3", "other session", session="s2", workspace="ws2"))
+        assert other.ok and not second.done()  # ...while other sessions run
+        gate.open.set()
+        results = await asyncio.gather(first, second)
+
+    assert all(r.ok for r in results)
+    assert gate.log == [
+        ("start", "first"), ("start", "other session"), ("end", "other session"),
+        ("end", "first"), ("start", "second"), ("end", "second"),
+    ]
+
+
+async def test_engine_unavailable_raises_retry_task_and_keeps_the_events(config):
+    def script(request):
+        raise EngineUnavailable("OpenCode is restarting", retry_after=7)
+
+    engine = ScriptedEngine(script)
+    pipeline, events = build_pipeline(config, engine)
+    with pytest.raises(RetryTask) as raised:
+        await pipeline.run(make_task(), asyncio.Event(), attempt=2)
+
+    assert raised.value.retry_after == 7 and "OpenCode is restarting" in raised.value.message
+    assert types(events) == ["workspace_created", "session_created", "prompt_sent"]  # no error event
+    assert {e.attempt for e in events} == {2}
+    engine.script = ["back"]
+    assert (await pipeline.run(make_task("t2"), asyncio.Event())).ok  # the lease was released
+
+
+async def test_an_unreachable_store_raises_retry_task(config):
+    class TimingOutSessions(FolderKeyValue):
+        async def get(self, key: str) -> bytes | None:
+            raise nats.errors.TimeoutError
+
+    pipeline, _ = build_pipeline(config, ScriptedEngine(["ok"]),
+                                 sessions=TimingOutSessions(config.data_dir / "sessions"))
+    with pytest.raises(RetryTask, match="NATS unavailable"):
+        await pipeline.run(make_task(), asyncio.Event())
+
+
+async def test_a_lost_lease_stops_the_task_for_a_retry(config):
+    class Stolen(WatchedLeases):
+        async def update(self, key: str, value: bytes, revision: int) -> int:
+            current = await self.inner.entry(key)  # another sidecar took the lease over
+            await self.inner.update(key, b'{"owner": "thief"}', current[1])
+            raise RevisionMismatch("taken over")
+
+    engine = ScriptedEngine(["working", Delay()])
+    pipeline, events = build_pipeline(config, engine, leases=Stolen(MemoryKeyValue()), lease_ttl=0.05)
+    with pytest.raises(RetryTask, match="lease was lost"):
+        await pipeline.run(make_task(), asyncio.Event())
+    assert len(engine.aborts) == 1  # the agent was stopped
+    assert types(events)[-1] == "text"
+
+
+async def test_the_in_process_runner_retries_with_the_next_attempt(config):
+    calls = []
+
+    def script(request):
+        calls.append(request.prompt)
+        if len(calls) < 3:
+            raise EngineUnavailable("OpenCode is restarting", retry_after=0.01)
+        return ["finally"]
+
+    async with runner(config, ScriptedEngine(script)) as r:
+        result, events = await run(r, make_task())
+    assert result.ok and result.result == "finally" and len(calls) == 3
+    assert [(e.attempt, e.seq) for e in events if e.type == "prompt_sent"] == [(1, 3), (2, 3), (3, 3)]
+    assert result.metrics.stream_events == len([e for e in events if e.attempt == 3])
+
+
+async def test_the_in_process_runner_gives_up_with_an_error_result(config):
+    def script(request):
+        raise EngineUnavailable("OpenCode is down", retry_after=0.01)
+
+    async with LocalRunner(config, engine=ScriptedEngine(script), redactor=Redactor(), attempts=2) as r:
+        result, events = await run(r, make_task())
+    assert result.status == TaskStatus.ERROR and result.error_type == ErrorType.ENGINE_ERROR
+    assert "OpenCode is down" in result.error and "gave up after 2 runs" in result.error
+    assert result.session.name == "s1" and result.workspace.name == "ws"
+    assert {e.attempt for e in events} == {1, 2}
+
+
+async def test_cancel_during_the_retry_delay_is_a_cancelled_result(config):
+    def script(request):
+        raise EngineUnavailable("OpenCode is down", retry_after=30)
+
+    async with runner(config, ScriptedEngine(script)) as r:
+        started = time.monotonic()
+        result, _ = await run(r, make_task(), lambda e: e.type == "prompt_sent" and r.cancel("t1"))
+    assert result.status == TaskStatus.CANCELLED and time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("kind", ["text", "thinking"])
+async def test_a_secret_split_across_deltas_never_reaches_a_consumer_that_joins_them(config, kind):
+    step = Text if kind == "text" else Thinking
+    # Every delta flushed on its own: the secret straddles the flush boundaries, even across a tool.
+    config = config.model_copy(update={"text_flush_interval": 0})
+    engine = ScriptedEngine([
+        step("the key is hunt"), step("er2-very-"), Tool("bash", output="ok"), step("secret-value, keep it"),
+    ])
+    async with runner(config, engine, Redactor([SECRET])) as r:
+        result, events = await run(r, make_task())
+
+    joined = "".join(e.content or "" for e in events if e.type == kind)
+    assert SECRET not in joined and "hunt" not in joined
+    assert joined == f"the key is {MASK}, keep it"
+    wire = b"".join(e.to_wire() for e in events).decode()
+    assert "hunter2" not in wire and SECRET not in result.to_wire().decode()
+
+
+async def test_nats_unreachable_after_the_prompt_costs_the_patch_not_a_second_run(config, caplog):
+    class TimingOutUploads(FolderArtifacts):
+        async def put(self, name: str, data: bytes) -> None:
+            raise nats.errors.TimeoutError
+
+    engine = ScriptedEngine([WriteFile("a.txt", "x\n"), "written"])
+    pipeline, _ = build_pipeline(config, engine, artifacts=TimingOutUploads(config.data_dir / "files"))
+    result = await pipeline.run(make_task(), asyncio.Event())
+    assert result.ok and result.patch is None and [c.path for c in result.changes] == ["a.txt"]
+    assert len(engine.requests) == 1
+    assert "storing the patch failed, NATS unavailable" in caplog.text
+
+
+async def test_held_text_is_published_before_the_error_event(config):
+    config = config.model_copy(update={"text_flush_interval": 0})
+    engine = ScriptedEngine(["partial hunt", Fail("model overloaded")])
+    async with runner(config, engine, Redactor([SECRET])) as r:
+        result, events = await run(r, make_task())
+    assert [(e.type, e.content) for e in events[-3:]] == [
+        ("text", "partial "), ("text", "hunt"), ("error", "model overloaded"),
+    ]
+    assert result.metrics.stream_events == len(events)

@@ -65,7 +65,8 @@ async def has_ref(path: Path, ref: str, *, settings: GitSettings | None = None,
 async def remote_url(path: Path, remote: str = "origin", *, push: bool = False,
                      settings: GitSettings | None = None, redactor: Redactor | None = None) -> str | None:
     """The (push) URL configured for ``remote``, or ``None`` when there is no such remote."""
-    args = ["remote", "get-url", *(["--push"] if push else []), remote]
+    # ``--``: the remote name may come from a request and is checked later (by ``push``).
+    args = ["remote", "get-url", *(["--push"] if push else []), "--", remote]
     result = await run_git(args, path, settings=settings, check=False, redactor=redactor)
     return result.stdout.strip() or None if result.code == 0 else None
 

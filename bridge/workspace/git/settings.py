@@ -22,8 +22,10 @@ class GitSettings(BaseModel):
     token_env: str | None = None
     #: A default token (a task's own token wins over it).
     token: SecretStr | None = None
-    #: Hosts (``host`` or ``host:port``) the sidecar's default token may be sent to. Empty means any
-    #: host, as in Station; set it, because a task names the URL and would otherwise receive the token.
+    #: Hosts (``host`` or ``host:port``) the sidecar's default token, and any token a task reads from
+    #: the state bucket with ``tokenFromKV``, may be sent to. Empty means any host, as in Station; set
+    #: it, because a task names the URL and would otherwise receive the token. (A task's own ``token``
+    #: is the task's to send where it likes.)
     token_hosts: list[str] = Field(default_factory=list)
     #: User name git sends with a token over HTTP(S) (GitHub and GitLab accept any non-empty name).
     token_username: str = "x-access-token"
@@ -69,7 +71,8 @@ class GitSettings(BaseModel):
         return None
 
     def token_allowed_for(self, url: str) -> bool:
-        """Whether the sidecar's default token may be sent to the host of ``url``."""
+        """Whether the sidecar's default token (or a ``tokenFromKV`` one) may be sent to the host of
+        ``url``."""
         if not self.token_hosts:
             return True
         try:

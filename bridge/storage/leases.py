@@ -1,0 +1,249 @@
+"""One task or workspace operation at a time per session, across every sidecar: a lease in KV.
+
+How it works (any :class:`~.stores.KeyValueStore` with the atomic operations):
+
+- **Acquire**: ``create`` the key (the value names the holder, the owner and the TTL). If it exists,
+  wait: poll the key (from 20 ms up to ``poll`` seconds apart); a release in this process wakes
+  its waiters at once. The caller bounds the wait (the task's deadline, its cancel).
+- **Refresh**: while held, the holder rewrites the key every ``ttl / 3`` seconds (``update`` with
+  its last revision), so a live lease changes revision well within its TTL.
+- **Expiry, without comparing clocks**: a waiter that sees the *same revision* for ``ttl`` seconds
+  (measured on its own monotonic clock) takes the lease over with ``update`` on that revision; only
+  one waiter can win. In the sidecar the lease bucket's ``max_age`` is the TTL as well, so NATS
+  removes a lease nobody refreshed even when nobody waits for it.
+- **Lost**: a refresh that finds another revision (taken over, or expired on the server), or no
+  successful refresh for ``ttl`` seconds, means another holder may run now: ``on_lost`` is called
+  and the holder must stop its work.
+- **Release**: ``delete_if`` on the holder's revision (a lease taken over meanwhile is left alone).
+
+Stores: a dedicated NATS KV bucket in the sidecar (see :data:`LEASE_BUCKET_SETTINGS`), a folder
+(:class:`~.stores.FolderKeyValue`, file locks: several processes may share it) or memory
+(:class:`MemoryKeyValue`, one process) in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from ocbridge.bridge.logs import logged_suppress
+
+from .stores import KeyValueStore, RevisionMismatch
+
+log = logging.getLogger(__name__)
+
+#: Seconds a lease lives without a refresh (a holder that died frees its session after this).
+DEFAULT_TTL = 30.0
+
+#: What the sidecar's lease bucket needs: one value per key, ``max_age`` = the lease TTL (seconds)
+#: (``js.create_key_value(bucket=..., history=1, ttl=DEFAULT_TTL)``; file storage).
+LEASE_BUCKET_SETTINGS = {"history": 1, "ttl": DEFAULT_TTL}
+
+
+def default_holder() -> str:
+    """A name for this process in lease values (host, pid, random): for logs and operators."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+@dataclass(eq=False)
+class Lease:
+    """A held lease. ``lost`` is set when it can no longer be trusted to exclude others."""
+
+    key: str
+    owner: str
+    value: bytes
+    revision: int
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SessionLeases:
+    """Leases on keys of ``store`` (session names): ``async with leases.hold(name, owner=...)``."""
+
+    def __init__(
+        self,
+        store: KeyValueStore | None = None,
+        *,
+        ttl: float = DEFAULT_TTL,
+        holder: str | None = None,
+        poll: float = 0.5,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("lease ttl must be positive")
+        self.store: KeyValueStore = store if store is not None else MemoryKeyValue()
+        self.ttl = ttl
+        self.holder = holder or default_holder()
+        self._poll = max(min(poll, ttl / 4), 0.01)
+        self._released: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, key: str, *, owner: str, on_lost: Callable[[], None] | None = None
+    ) -> AsyncIterator[Lease]:
+        """Wait for the lease on ``key`` (unbounded: cancel to stop waiting), hold it while the block
+        runs, release it at the end. ``on_lost`` is called if the lease is lost meanwhile."""
+        lease = await self._acquire(key, owner)
+        stopping = asyncio.Event()
+        refresher = asyncio.create_task(self._refresh(lease, stopping, on_lost), name=f"lease-{key}")
+        try:
+            yield lease
+        finally:
+            stopping.set()
+            await asyncio.wait({refresher})
+            if not lease.lost.is_set():
+                await self._release(lease)
+
+    async def _acquire(self, key: str, owner: str) -> Lease:
+        value = json.dumps({
+            "holder": self.holder, "owner": owner, "ttl": self.ttl, "since": time.time(),
+            "token": secrets.token_hex(8),
+        }).encode()
+        seen: tuple[int, float] | None = None  # (revision, when first seen at it)
+        delay = 0.02
+        while True:
+            try:
+                return Lease(key, owner, value, await self.store.create(key, value))
+            except RevisionMismatch:
+                pass
+            current = await self.store.entry(key)
+            if current is None:
+                continue  # released (or expired) meanwhile: try again at once
+            now = time.monotonic()
+            if seen is None or seen[0] != current[1]:
+                if seen is None:
+                    log.info("%s waits for the lease on %r held by %s", owner, key, _describe(current[0]))
+                seen = (current[1], now)
+            elif now - seen[1] >= self.ttl:
+                try:
+                    revision = await self.store.update(key, value, current[1])
+                except RevisionMismatch:
+                    seen = None
+                    continue
+                log.warning("%s took over the lease on %r: %s did not refresh it for %.0fs",
+                            owner, key, _describe(current[0]), self.ttl)
+                return Lease(key, owner, value, revision)
+            await self._wait_release(key, delay)
+            delay = min(delay * 2, self._poll)
+
+    async def _wait_release(self, key: str, delay: float) -> None:
+        released = asyncio.Event()
+        waiters = self._released.setdefault(key, set())
+        waiters.add(released)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), delay)
+        finally:
+            waiters.discard(released)
+            if not waiters:
+                self._released.pop(key, None)
+
+    async def _refresh(self, lease: Lease, stopping: asyncio.Event, on_lost: Callable[[], None] | None) -> None:
+        last_ok = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.ttl / 3)
+                return
+            try:
+                lease.revision = await self.store.update(lease.key, lease.value, lease.revision)
+                last_ok = time.monotonic()
+                continue
+            except RevisionMismatch:
+                if await self._still_mine(lease):  # an earlier refresh landed but its reply was lost
+                    continue
+                log.error("the lease on %r held by %s was taken over: stopping its work", lease.key, lease.owner)
+            except Exception as exc:
+                if time.monotonic() - last_ok < self.ttl:
+                    log.warning("refreshing the lease on %r failed (will retry): %s", lease.key, exc)
+                    continue
+                log.error("the lease on %r could not be refreshed for %.0fs: stopping its work (%s)",
+                          lease.key, self.ttl, exc)
+            lease.lost.set()
+            if on_lost is not None:
+                on_lost()
+            return
+
+    async def _release(self, lease: Lease) -> None:
+        with logged_suppress(f"releasing the lease on {lease.key!r} (it expires by itself)", log):
+            try:
+                await asyncio.wait_for(self.store.delete_if(lease.key, lease.revision), max(self.ttl, 5.0))
+            except RevisionMismatch:
+                if await self._still_mine(lease):
+                    await asyncio.wait_for(self.store.delete_if(lease.key, lease.revision), max(self.ttl, 5.0))
+                else:
+                    log.warning("the lease on %r was taken over before %s released it", lease.key, lease.owner)
+        for released in self._released.get(lease.key, ()):
+            released.set()
+
+
+    async def _still_mine(self, lease: Lease) -> bool:
+        """Whether the key still holds this lease's value (unique per acquisition); if so, adopt
+        its current revision."""
+        current = await self.store.entry(lease.key)
+        if current is None or current[0] != lease.value:
+            return False
+        lease.revision = current[1]
+        return True
+
+
+def _describe(value: bytes) -> str:
+    try:
+        data = json.loads(value)
+        return f"{data.get('owner')} on {data.get('holder')}"
+    except (ValueError, AttributeError):
+        return "another holder"
+
+
+class MemoryKeyValue:
+    """A :class:`~.stores.KeyValueStore` in memory, for leases within one process (the default
+    when no shared store is given)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[bytes, int]] = {}
+        self._revision = 0
+
+    def _next(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        return entry[0] if entry else None
+
+    async def put(self, key: str, value: bytes) -> None:
+        self._data[key] = (value, self._next())
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    async def keys(self) -> list[str]:
+        return list(self._data)
+
+    async def entry(self, key: str) -> tuple[bytes, int] | None:
+        return self._data.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self._data:
+            raise RevisionMismatch(f"key {key!r} exists")
+        self._data[key] = (value, revision := self._next())
+        return revision
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        self._check(key, revision)
+        self._data[key] = (value, new := self._next())
+        return new
+
+    async def delete_if(self, key: str, revision: int) -> None:
+        self._check(key, revision)
+        del self._data[key]
+
+    def _check(self, key: str, revision: int) -> None:
+        entry = self._data.get(key)
+        if entry is None or entry[1] != revision:
+            raise RevisionMismatch(f"key {key!r} is no longer at revision {revision}")
