@@ -16,7 +16,7 @@ and the MCP server are in :mod:`ocbridge.client.station`.
 
 from .client import CodingClient
 from .connection import NatsOptions, TLSOptions
-from .handle import TaskHandle
+from .handle import TaskHandle, TaskNotFound, TaskState
 from .protocol import (
     ErrorType,
     Naming,
@@ -40,7 +40,9 @@ __all__ = [
     "TLSOptions",
     "Task",
     "TaskHandle",
+    "TaskNotFound",
     "TaskRecord",
     "TaskResult",
+    "TaskState",
     "TaskStatus",
 ]

@@ -28,9 +28,12 @@ from ocbridge.client.protocol import (
 from . import _sidecar
 from .client import CodingClient
 from .connection import NatsOptions
-from .render import render_event, render_result
+from .handle import TaskNotFound
+from .render import render_attempt, render_event, render_result
 
 EXIT_CODES = {TaskStatus.COMPLETED: 0, TaskStatus.ERROR: 1, TaskStatus.TIMEOUT: 3, TaskStatus.CANCELLED: 4}
+#: ``watch`` of a task that is neither queued nor recorded.
+EXIT_NOT_FOUND = 5
 
 
 def _nats_args(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_args(submit)
     _task_args(submit)
 
-    watch = sub.add_parser("watch", help="follow a task's events and result")
+    watch = sub.add_parser(
+        "watch", help="follow a task's events and result (exit code 5: no such task, or its record expired)"
+    )
     _nats_args(watch)
     watch.add_argument("task_id")
     watch.add_argument("--json", action="store_true")
@@ -126,6 +131,7 @@ def _task_from_args(client: CodingClient, args: argparse.Namespace) -> Task:
 
 
 def _printer(as_json: bool) -> tuple[Callable[[StreamEvent], None], Callable[[TaskResult], None]]:
+    """Printers of events and of the result; in text, a line marks a new attempt's events."""
     if as_json:
         def event_out(event: StreamEvent) -> None:
             print(json.dumps(event.to_dict()), flush=True)
@@ -135,10 +141,15 @@ def _printer(as_json: bool) -> tuple[Callable[[StreamEvent], None], Callable[[Ta
 
         return event_out, result_out
     color = sys.stdout.isatty()
-    return (
-        lambda event: print(render_event(event, color=color), flush=True),
-        lambda result: print(render_result(result, color=color), flush=True),
-    )
+    shown = {"attempt": 1}
+
+    def event_text(event: StreamEvent) -> None:
+        if (event.attempt or 1) != shown["attempt"]:
+            shown["attempt"] = event.attempt or 1
+            print(render_attempt(shown["attempt"], color=color), flush=True)
+        print(render_event(event, color=color), flush=True)
+
+    return event_text, lambda result: print(render_result(result, color=color), flush=True)
 
 
 async def _follow(client: CodingClient, handle, as_json: bool, timeout: float | None) -> int:
@@ -161,8 +172,12 @@ async def _follow(client: CodingClient, handle, as_json: bool, timeout: float | 
             event_out(event)
         result = await handle.result(timeout=5)
     except TimeoutError:
-        print(f"no result for task {handle.task_id} within {timeout}s", file=sys.stderr)
+        within = f" within {timeout:g}s" if timeout is not None else ""
+        print(f"no result for task {handle.task_id}{within}", file=sys.stderr)
         return 3
+    except TaskNotFound as exc:
+        print(f"ocbridge: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     finally:
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
@@ -186,7 +201,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _watch(args: argparse.Namespace) -> int:
     async with await _client(args) as client:
-        handle = await client.watch(args.task_id)
+        try:
+            handle = await client.watch(args.task_id)
+        except TaskNotFound as exc:
+            print(f"ocbridge: {exc}", file=sys.stderr)
+            return EXIT_NOT_FOUND
         return await _follow(client, handle, args.json, args.timeout)
 
 

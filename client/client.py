@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import uuid
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.errors import Error as NatsError
+from nats.js import api
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from ocbridge.client.protocol import (
@@ -27,11 +32,22 @@ from ocbridge.client.protocol import (
     kv_key,
     record_key,
 )
+from ocbridge.client.protocol.spill import restore as restore_spilled
 
 from .connection import NatsOptions, connect
-from .handle import TaskHandle
+from .handle import (
+    DEFAULT_LATE_EVENT_GRACE,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_BUFFERED_EVENTS,
+    DEFAULT_PRESENCE_INTERVAL,
+    TaskHandle,
+    TaskNotFound,
+    TaskState,
+)
 from .kv import get_json, list_keys
-from .streams import ensure_task_stream
+from .streams import DEFAULT_MAX_AGE, ensure_task_stream
+
+log = logging.getLogger(__name__)
 
 
 class CodingClient:
@@ -46,21 +62,56 @@ class CodingClient:
             result = await handle.result(timeout=60)
     """
 
-    def __init__(self, nc: NATS, naming: Naming | None = None, *, owns_connection: bool = False) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        naming: Naming | None = None,
+        *,
+        owns_connection: bool = False,
+        max_buffered_events: int = DEFAULT_MAX_BUFFERED_EVENTS,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        late_event_grace: float = DEFAULT_LATE_EVENT_GRACE,
+        presence_interval: float | None = DEFAULT_PRESENCE_INTERVAL,
+        spill_timeout: float = 30.0,
+        cancel_ttl: float = DEFAULT_MAX_AGE,
+        queue_scan_limit: int = 1000,
+    ) -> None:
+        """``max_buffered_events``/``max_buffered_bytes``, ``late_event_grace`` and
+        ``presence_interval`` (``None``: never check) shape every :class:`TaskHandle` (see
+        :mod:`.handle`). ``spill_timeout`` bounds the reading back of a message's spilled fields
+        from the object store. ``cancel_ttl``: how long a cancel recorded for a queued task is
+        kept (as long as a task may wait in the task stream). ``queue_scan_limit``: how many queued
+        tasks :meth:`watch` looks through for a task it did not publish itself."""
         self.nc = nc
         self.naming = naming or Naming()
         self._owns = owns_connection
         self._js = nc.jetstream()
         self._buckets: dict[str, KeyValue] = {}
+        self._msg_ttl: dict[str, bool] = {}
+        self._keeps_acked: dict[str, bool] = {}
+        self.max_buffered_events = max_buffered_events
+        self.max_buffered_bytes = max_buffered_bytes
+        self.late_event_grace = late_event_grace
+        self.presence_interval = presence_interval
+        self.spill_timeout = spill_timeout
+        self.cancel_ttl = cancel_ttl
+        self.queue_scan_limit = queue_scan_limit
 
     @classmethod
     async def connect(
-        cls, url: str | NatsOptions | None = None, *, naming: Naming | None = None, retry_for: float = 10.0
+        cls,
+        url: str | NatsOptions | None = None,
+        *,
+        naming: Naming | None = None,
+        retry_for: float = 10.0,
+        **settings: Any,
     ) -> CodingClient:
-        """Connect (retrying for ``retry_for`` seconds) and return a client that owns the connection."""
+        """Connect (retrying for ``retry_for`` seconds) and return a client that owns the connection.
+
+        ``settings``: the keyword arguments of the constructor."""
         options = url if isinstance(url, NatsOptions) else NatsOptions(url=url, name="ocbridge-client")
         nc = await connect(options, retry_for=retry_for)
-        return cls(nc, naming, owns_connection=True)
+        return cls(nc, naming, owns_connection=True, **settings)
 
     async def close(self) -> None:
         if self._owns and not self.nc.is_closed:
@@ -105,76 +156,224 @@ class CodingClient:
             model=ModelRef.parse(model) if isinstance(model, str) else model,
         )
 
-    async def submit(self, prompt: str | Task, **kwargs: Any) -> TaskHandle:
-        """Publish a task and return its handle. Accepts a prompt (and :meth:`build_task` args) or a Task."""
-        task = prompt if isinstance(prompt, Task) else self.build_task(prompt, **kwargs)
-        handle = TaskHandle(
-            self, task.task_id, task.callback.stream_subject, task.callback.result_subject
+    def _handle(self, task_id: str, stream_subject: str, result_subject: str, **extra: Any) -> TaskHandle:
+        return TaskHandle(
+            self, task_id, stream_subject, result_subject,
+            max_buffered_events=self.max_buffered_events, max_buffered_bytes=self.max_buffered_bytes,
+            late_event_grace=self.late_event_grace, presence_interval=self.presence_interval, **extra,
         )
-        await handle._subscribe()
+
+    async def submit(self, prompt: str | Task, *, events: bool = True, **kwargs: Any) -> TaskHandle:
+        """Publish a task and return its handle. Accepts a prompt (and :meth:`build_task` args) or a Task.
+
+        ``events=False``: the handle does not follow the task's events until it is iterated (for
+        callers that only want the result)."""
+        task = prompt if isinstance(prompt, Task) else self.build_task(prompt, **kwargs)
+        handle = self._handle(task.task_id, task.callback.stream_subject, task.callback.result_subject)
+        await handle._subscribe(events=events)
         await self.nc.flush()
         try:
             try:
-                await self._publish_task(task)
+                ack = await self._publish_task(task)
             except NoStreamResponseError:
                 # No sidecar ever ran: create the stream so the task waits for one instead of being lost.
                 await ensure_task_stream(self._js, self.naming)
-                await self._publish_task(task)
+                ack = await self._publish_task(task)
         except BaseException:
             await handle.close()
             raise
+        handle._queued_at = (ack.stream, ack.seq)
         return handle
 
-    async def _publish_task(self, task: Task) -> None:
+    async def _publish_task(self, task: Task) -> api.PubAck:
         # A JetStream publish confirms the task is stored; the message id de-duplicates retries.
-        await self._js.publish(
+        return await self._js.publish(
             self.naming.task_subject, task.to_wire(), headers={"Nats-Msg-Id": task.task_id}, timeout=5
         )
 
     async def run(self, prompt: str | Task, *, wait: float | None = None, **kwargs: Any) -> TaskResult:
-        """Submit and wait for the result (``wait`` seconds at most)."""
-        handle = await self.submit(prompt, **kwargs)
+        """Submit and wait for the result (``wait`` seconds at most). Events are not followed."""
+        handle = await self.submit(prompt, events=False, **kwargs)
         try:
             return await handle.result(timeout=wait)
         finally:
             await handle.close()
 
     async def watch(self, task_id: str) -> TaskHandle:
-        """A handle on a task submitted elsewhere; already-published results come from the record."""
-        handle = TaskHandle(
-            self, task_id, self.naming.stream_subject(task_id), self.naming.result_subject(task_id)
-        )
+        """A handle on a task submitted elsewhere; an already-decided result comes from the record.
+
+        Raises :class:`TaskNotFound` when the task is neither queued nor recorded (never submitted,
+        or finished so long ago that its record expired), instead of waiting for ever."""
+        handle = self._handle(task_id, self.naming.stream_subject(task_id), self.naming.result_subject(task_id))
         await handle._subscribe()
-        await handle._check_record()
+        try:
+            state, record = await handle._lookup()
+        except BaseException:
+            await handle.close()
+            raise
+        if state is TaskState.NOT_FOUND:
+            await handle.close()
+            raise TaskNotFound(task_id)
+        handle._apply(state, record)
         return handle
 
     async def cancel(self, task_id: str, reason: str | None = None) -> None:
-        """Cancel a task, whether it is running or still queued."""
+        """Cancel a task, whether it is running or still queued.
+
+        The cancel is published live (a running task stops) and recorded as ``cancel.<taskID>`` in
+        the state bucket (a queued task is dropped when a sidecar picks it up). The key expires after
+        ``cancel_ttl`` seconds: per message when the bucket allows message TTLs (buckets made by
+        nats-py do), else with the bucket's own TTL (Station's buckets: 7 days); in a bucket with
+        neither, the sidecar deletes it when the task ends. Nothing is recorded for a task whose
+        result is already decided."""
         body = CancelRequest(taskID=task_id, reason=reason).to_wire()
-        # Recorded so a sidecar that picks the task up later still sees the cancel.
         try:
-            state = await self._bucket(self.naming.state_bucket)
-            await state.put(cancel_key(task_id), body)
+            if not await self._decided(task_id):
+                await self._put_expiring(self.naming.state_bucket, cancel_key(task_id), body, self.cancel_ttl)
         except NotFoundError:
             pass  # no bucket yet: the live message below is all we can do
         await self.nc.publish(self.naming.cancel_subject(task_id), body)
         await self.nc.flush()
 
+    async def _decided(self, task_id: str) -> bool:
+        """Whether the task's record holds its result (read raw: spilled fields are not needed)."""
+        try:
+            data = await get_json(await self.tasks_bucket(), record_key(task_id))
+        except NotFoundError:
+            return False
+        return bool(data and (data.get("result") is not None or data.get("state") in ("publishing", "done")))
+
+    async def _put_expiring(self, bucket: str, key: str, value: bytes, ttl: float) -> None:
+        """Put ``key`` so that it disappears after ``ttl`` seconds (see :meth:`cancel`)."""
+        kv = await self._bucket(bucket)
+        if bucket not in self._msg_ttl:
+            config = (await kv.status()).stream_info.config
+            # A bucket TTL already expires every key; a message TTL needs the stream's permission.
+            self._msg_ttl[bucket] = not config.max_age and bool(config.allow_msg_ttl)
+            if not config.max_age and not config.allow_msg_ttl:
+                log.info("bucket %s has no TTL and refuses message TTLs: cancel keys stay until a sidecar "
+                         "deletes them", bucket)
+        if self._msg_ttl[bucket]:
+            try:
+                await self._js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=max(1, int(ttl)))
+                return
+            except APIError as exc:
+                log.info("bucket %s refused a message TTL (%s); putting %s without one", bucket, exc, key)
+                self._msg_ttl[bucket] = False
+        await kv.put(key, value)
+
     async def task_record(self, task_id: str) -> TaskRecord | None:
-        data = await get_json(await self.tasks_bucket(), record_key(task_id))
-        return TaskRecord.model_validate(data) if data else None
+        """The task's record (its result's spilled fields read back), or ``None`` when there is none
+        (also when the tasks bucket does not exist yet). Raises ``ValidationError`` on a bad record."""
+        try:
+            kv = await self.tasks_bucket()
+        except NotFoundError:
+            return None
+        data = await get_json(kv, record_key(task_id))
+        if not data:
+            return None
+        if isinstance(data.get("result"), dict):
+            data["result"] = await self.unspill(data["result"])
+        return TaskRecord.model_validate(data)
+
+    async def is_queued(self, task_id: str, where: tuple[str, int] | None = None) -> bool | None:
+        """Whether the task waits (or runs, unacknowledged) in the task stream: ``None`` when that
+        cannot be told (more than ``queue_scan_limit`` tasks queued, a stream that keeps acknowledged
+        tasks, or no permission).
+
+        ``where``: the (stream, sequence) the task was published at, when known; else the stream
+        is searched."""
+        js = self._js
+        try:
+            if where is not None:
+                stream = where[0]
+                if await self._keeps_acknowledged(stream):
+                    return None
+                try:
+                    return _is_task_message(await js.get_msg(stream, where[1]), task_id)
+                except NotFoundError:
+                    return False
+            try:
+                stream = await js.find_stream_name_by_subject(self.naming.task_subject)
+            except NotFoundError:
+                return False
+            info = await js.stream_info(stream)
+            self._keeps_acked[stream] = info.config.retention == api.RetentionPolicy.LIMITS
+            if self._keeps_acked[stream]:
+                return None
+            seq = info.state.first_seq
+            for _ in range(min(info.state.messages, self.queue_scan_limit)):
+                try:
+                    msg = await js.get_msg(stream, seq, subject=self.naming.task_subject, next=True)
+                except NotFoundError:
+                    return False
+                if _is_task_message(msg, task_id):
+                    return True
+                seq = (msg.seq or seq) + 1
+            return False if info.state.messages <= self.queue_scan_limit else None
+        except (TimeoutError, NatsError) as exc:
+            log.debug("task %s: cannot search the task stream: %r", task_id, exc)
+            return None
+
+    async def _keeps_acknowledged(self, stream: str) -> bool:
+        """Whether ``stream`` keeps tasks after they are acknowledged (limits retention): then a
+        task found there may have finished long ago. Ours is a work queue, which does not."""
+        if stream not in self._keeps_acked:
+            info = await self._js.stream_info(stream)
+            self._keeps_acked[stream] = info.config.retention == api.RetentionPolicy.LIMITS
+        return self._keeps_acked[stream]
+
+    # ------------------------------------------------------------------------------- spilling
+
+    async def unspill(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` with its spilled fields read back from the object store (see
+        :mod:`client.protocol.spill`). Never raises: a field whose object is missing, unreadable or
+        not read within ``spill_timeout`` stays out and listed in ``spilled`` (and is logged)."""
+        spilled = payload.get("spilled")
+        if not spilled or not isinstance(spilled, dict):
+            return payload
+        names = {str(name) for name in spilled.values()}
+        objects: dict[str, bytes | None] = dict.fromkeys(names)
+        problem = "missing"
+        try:
+            async with asyncio.timeout(self.spill_timeout):
+                store = await self._js.object_store(self.naming.object_store)
+                for name in names:
+                    try:
+                        data = (await store.get(name)).data
+                    except NotFoundError:
+                        continue
+                    objects[name] = data if _spilled_value_ok(data) else None
+        except NotFoundError:
+            problem = f"object store {self.naming.object_store} does not exist"
+        except TimeoutError:
+            problem = f"not read within {self.spill_timeout:.0f}s"
+        except NatsError as exc:
+            problem = f"unreadable ({exc.__class__.__name__})"
+        restored = restore_spilled(payload, objects)
+        if restored.get("spilled"):
+            log.warning("%s %s: spilled field(s) %s not read back from object store %s (%s)",
+                        "task" if "taskID" in payload else "op", payload.get("taskID") or payload.get("op"),
+                        ", ".join(f"{k} ({v})" for k, v in restored["spilled"].items()),
+                        self.naming.object_store, problem)
+        return restored
 
     # ------------------------------------------------------------------------------- operations
 
     async def op(self, request: GitOpRequest | dict[str, Any], *, timeout: float = 660.0) -> GitOpResult:
         """Run a workspace operation on a sidecar (open, close, branch, commit, push, status, diff).
 
-        The default timeout covers a clone or push with the sidecar's default git timeouts.
+        The default timeout covers a clone or push with the sidecar's default git timeouts. Spilled
+        fields are read back (see :meth:`unspill`); a bad reply raises ``ValueError``.
         """
         if isinstance(request, dict):
             request = GitOpRequest.model_validate(request)
         reply = await self.nc.request(self.naming.ops_subject, request.to_wire(), timeout=timeout)
-        return GitOpResult.from_wire(reply.data)
+        data = json.loads(reply.data)
+        if not isinstance(data, dict):
+            raise ValueError("the reply is not a JSON object")
+        # A reply over the server's max_payload comes with its large fields in the object store.
+        return GitOpResult.model_validate(await self.unspill(data))
 
     # ------------------------------------------------------------------------------------ files
 
@@ -230,4 +429,22 @@ class CodingClient:
 
 
 
-__all__ = ["CodingClient", "TaskHandle"]
+def _is_task_message(msg: api.RawStreamMsg, task_id: str) -> bool:
+    if (msg.headers or {}).get("Nats-Msg-Id") == task_id:
+        return True
+    try:
+        body = json.loads(msg.data or b"")
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("taskID") == task_id
+
+
+def _spilled_value_ok(data: bytes) -> bool:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and "value" in value
+
+
+__all__ = ["CodingClient", "TaskHandle", "TaskNotFound", "TaskState"]

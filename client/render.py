@@ -42,6 +42,11 @@ def render_event(event: StreamEvent, *, color: bool = False) -> str:
     return f"{head} {_c(kind, 'blue', color)} {_short(detail)}"
 
 
+def render_attempt(attempt: int, *, color: bool = False) -> str:
+    """The line shown before the events of a task's new attempt (they start again at seq 1)."""
+    return _c(f"── attempt {attempt}: the task was given back and runs again; its events start over", "yellow", color)
+
+
 def render_result(result: TaskResult, *, color: bool = False) -> str:
     style = "green" if result.status == TaskStatus.COMPLETED else "red"
     m = result.metrics
@@ -60,6 +65,10 @@ def render_result(result: TaskResult, *, color: bool = False) -> str:
     for change in result.changes or []:
         counts = f" +{change.insertions} -{change.deletions}" if change.insertions is not None else ""
         lines.append(f"  {change.status:8} {change.path}{counts}")
+    for name, target in (result.spilled or {}).items():
+        # Left listed by the client only when the object could not be read back.
+        lines.append(_c(f"{name}: not available (object {target} could not be read from the object store)",
+                        "yellow", color))
     if result.error:
         lines.append(_c(f"error ({result.error_type}): {result.error}", "red", color))
     elif result.result:

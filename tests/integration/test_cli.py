@@ -76,6 +76,12 @@ async def test_submit_watch_and_sessions(stack):
     assert missing.returncode == 1 and "no session" in missing.stderr
 
 
+async def test_watching_an_unknown_task_says_so_at_once(stack):
+    done = await ocbridge(stack, "watch", "no-such-task", "--timeout", "60", timeout=30)
+    assert done.returncode == 5, done.stderr
+    assert "task no-such-task not found" in done.stderr and "record expired" in done.stderr
+
+
 async def test_cancel_from_the_command_line(stack):
     _, client = stack
     handle = await client.submit("slow 30", workspace="cli-cancel")

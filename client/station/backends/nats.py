@@ -16,6 +16,7 @@ from nats.js.errors import BucketNotFoundError
 
 from ocbridge.client.client import CodingClient
 from ocbridge.client.connection import NatsOptions
+from ocbridge.client.handle import TaskNotFound
 from ocbridge.client.protocol import (
     GitOpRequest,
     GitOpResult,
@@ -112,6 +113,9 @@ class NatsBackend(CodingBackend):
                 taskID=task.task_id, status=TaskStatus.TIMEOUT,
                 error=f"no result from any sidecar within {timeout:.0f}s", errorType="timeout",
             )
+        except TaskNotFound as exc:
+            # The task left the queue without a record (e.g. the stream was purged): it will not run.
+            return TaskResult(taskID=task.task_id, status=TaskStatus.ERROR, error=str(exc), errorType=exc.error_type)
         except asyncio.CancelledError:
             # Whoever called us gave up (e.g. the MCP client cancelled the tool call): stop the work.
             with contextlib.suppress(Exception):
@@ -132,6 +136,10 @@ class NatsBackend(CodingBackend):
 
     async def op(self, request: GitOpRequest) -> GitOpResult:
         """Send an operation to a sidecar and return its reply.
+
+        A reply larger than the server's ``max_payload`` arrives with its large fields (``changes``,
+        ``patch``...) in the object store; they are read back here (:meth:`CodingClient.unspill`),
+        and one that cannot be read stays listed in the reply's ``spilled``.
 
         Raises :class:`BackendError` when no sidecar answers: the operation may or may not have run,
         which is different from a failure the sidecar reports (``ok: false``)."""

@@ -9,9 +9,14 @@ from .models import Trace, TraceTokens, TraceToolCall
 
 class TraceRecorder:
     """An ``on_event`` callback that keeps what the trace needs: tool calls (matched start to end by
-    call ID), reasoning blocks and the agent's text."""
+    call ID), reasoning blocks and the agent's text. A task run again (a higher ``attempt``)
+    starts the trace over: the result is the last attempt's."""
 
     def __init__(self) -> None:
+        self._attempt = 1
+        self._reset()
+
+    def _reset(self) -> None:
         self.calls: dict[str, TraceToolCall] = {}
         self.reasoning: list[str] = []
         self.text: list[str] = []
@@ -22,6 +27,12 @@ class TraceRecorder:
 
     def record(self, event: StreamEvent) -> None:
         """Consume one event."""
+        attempt = event.attempt or 1
+        if attempt > self._attempt:
+            self._reset()
+            self._attempt = attempt
+        elif attempt < self._attempt:
+            return  # a late event of an attempt that was given up
         kind = event.type
         if kind in (EventType.TOOL_START, EventType.TOOL_END) and event.tool is not None:
             tool = event.tool
