@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from typing import Any
 
 from .config import ConfigError, load_config
 from .logs import setup_logging
+from .processes import forbid_inspection
 from .redact import default_redactor
 from .sidecar import Sidecar
+
+log = logging.getLogger(__name__)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,6 +39,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ocbridge serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(default_redactor, config.log_level, config.log_format)
+    if not forbid_inspection():
+        log.warning("could not make the sidecar non-dumpable: same-user processes may read its environment")
     try:
         asyncio.run(Sidecar(config).serve_forever())
     except KeyboardInterrupt:

@@ -66,8 +66,17 @@ class Section(BaseModel):
 class JetStreamSettings(Section):
     #: Seconds without an ack or progress before JetStream redelivers a task to another sidecar.
     ack_wait: float = Field(default=30.0, gt=0.5)
-    #: Deliveries of one task before it is given up with an error result.
+    #: Runs of one task that may die with their sidecar before it is given up with an error
+    #: result (``redelivery_exhausted``). Give-backs that are not the task's fault (engine down,
+    #: KV unavailable, a duplicate waiting for its original) do not count.
     max_attempts: int = Field(default=3, ge=1, le=100)
+    #: The consumer's ``max_deliver``: a backstop on deliveries of any kind, far above what retries
+    #: need; the delivery that reaches it is answered with an error result.
+    max_deliveries: int = Field(default=1000, ge=10)
+    #: Delay of a give-back that is not the task's fault, before the task is offered again (s).
+    retry_delay: float = Field(default=5.0, gt=0)
+    #: Largest task body accepted (bytes); a larger one gets an ``invalid_task`` error result.
+    max_task_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: How long an unconsumed task waits in the stream (seconds).
     max_age: float = Field(default=7 * 24 * 3600, gt=0)
     #: How long task records (status, result) are kept in the tasks bucket (seconds).

@@ -137,6 +137,17 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_PR_SET_DUMPABLE = 4
+
+
+def forbid_inspection() -> bool:
+    """Make this process non-dumpable: processes of the same user (the agent's tools among them)
+    can then no longer read its memory or ``/proc/<pid>/environ``, where the NATS password, git
+    tokens and provider keys live. Children get their own flag back at exec. Linux only; returns
+    whether it took effect."""
+    return _prctl is not None and _prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+
+
 def die_with_parent_hook() -> Callable[[], None]:
     """A ``preexec_fn`` applying :func:`die_with_parent` with the calling process as the parent."""
     return functools.partial(die_with_parent, os.getpid())

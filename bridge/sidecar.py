@@ -21,6 +21,7 @@ from ocbridge.bridge.jetstream.setup import (
 )
 from ocbridge.bridge.jetstream.worker import Worker
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
+from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.connection import connect, redact_nats_url
 
@@ -77,7 +78,7 @@ class Sidecar:
             naming, settings = config.naming, config.jetstream
             stream = await ensure_task_stream(js, naming, settings)
             await ensure_dead_letter_stream(js, naming)
-            await ensure_consumer(js, stream, naming, settings)
+            consumer = await ensure_consumer(js, stream, naming, settings)
             buckets = await ensure_buckets(js, naming, settings)
             runtime = self.runtime = build_runtime(
                 config,
@@ -87,16 +88,22 @@ class Sidecar:
                 state=NatsKeyValue(js, naming.state_bucket, buckets.state),
                 artifacts=NatsArtifacts(buckets.files),
                 redactor=self.redactor,
+                leases=NatsKeyValue(js, naming.leases_bucket, buckets.leases),
+                lease_ttl=LEASE_BUCKET_SETTINGS["ttl"],
+                holder=self.id,
             )
             self.worker = Worker(
                 nc=self._nc,
                 js=js,
                 stream=stream,
                 buckets=buckets,
+                consumer=consumer,
                 runtime=runtime,
                 config=config,
                 redactor=self.redactor,
                 sidecar_id=self.id,
+                healthy=self.engine.healthy,
+                rebind=lambda: ensure_consumer(js, stream, naming, settings),
             )
             await self.worker.start()
             if config.workspace_max_age > 0:
@@ -134,9 +141,21 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        log.info("sidecar %s ready; workspaces under %s", self.id, self.config.workspace_root)
         try:
+            # A signal must stop the sidecar in every state, including while start() still waits
+            # for its first NATS connection.
+            starting = asyncio.create_task(self.start())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("signal received while starting: stopping")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return
+            stopped.cancel()
+            starting.result()  # a failed start raises here
+            log.info("sidecar %s ready; workspaces under %s", self.id, self.config.workspace_root)
             await stop.wait()
             log.info("signal received: stopping (grace %.0fs)", self.config.shutdown_grace)
         finally:

@@ -1,24 +1,27 @@
 """Workspace operations over NATS request/reply: any sidecar in the queue group answers one.
 
 Operations (a clone, a push) can take minutes, so each request runs in its own task and never
-blocks the subscription; :meth:`OpsServer.stop` waits for them, then cancels what is left.
+blocks the subscription; at most ``limit`` run at once, and :meth:`OpsServer.stop` waits for them,
+then cancels what is left. Replies too large for the server (a big diff) spill to the object store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
+import uuid
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.pipeline.ops import OpsHandler
 from ocbridge.bridge.redact import Redactor
 from ocbridge.client.protocol import ErrorType, GitOpRequest, GitOpResult, describe_validation_error
+
+from .results import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +29,12 @@ log = logging.getLogger(__name__)
 class OpsServer:
     """Answers :class:`GitOpRequest` s on the ops subject with :class:`GitOpResult` s."""
 
-    def __init__(self, nc: NATS, ops: OpsHandler, redactor: Redactor) -> None:
+    def __init__(self, nc: NATS, ops: OpsHandler, redactor: Redactor, publisher: Publisher, *, limit: int = 4) -> None:
         self._nc = nc
         self._ops = ops
         self._redactor = redactor
+        self._publisher = publisher
+        self._slots = asyncio.Semaphore(limit)
         self._sub: Subscription | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -40,7 +45,7 @@ class OpsServer:
     async def stop(self, grace: float) -> None:
         """Stop answering; let running operations finish within ``grace``, then cancel them."""
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress("unsubscribing from operations", log):
                 await self._sub.unsubscribe()
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=grace)
@@ -64,8 +69,10 @@ class OpsServer:
                                  errorType=ErrorType.INVALID_TASK)
         else:
             log.info("operation %s on %s", request.op, request.session or request.workspace)
-            result = await self._ops.handle(request)
-        if msg.reply:
-            payload = self._redactor.data(result.to_dict())
-            with contextlib.suppress(Exception):
-                await msg.respond(json.dumps(payload, separators=(",", ":")).encode())
+            async with self._slots:
+                result = await self._ops.handle(request)
+        if not msg.reply:
+            return
+        with logged_suppress(f"replying to operation {result.op}", log):
+            reply = await self._publisher.encode(result.to_dict(), object_prefix=f"output/ops/{uuid.uuid4().hex}")
+            await msg.respond(reply)

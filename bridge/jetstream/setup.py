@@ -12,12 +12,13 @@ import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from ocbridge.bridge.config import JetStreamSettings
-from ocbridge.client.protocol import Naming
+from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS
+from ocbridge.client.protocol import STATION_BUCKET_TTL, Naming
 from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Buckets:
     sessions: KeyValue
     state: KeyValue
     tasks: KeyValue
+    leases: KeyValue
     files: ObjectStore
 
 
@@ -53,45 +55,91 @@ async def ensure_dead_letter_stream(js: JetStreamContext, naming: Naming) -> Non
         )
 
 
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """The consumer's settings as the server has them (which may differ from the configuration)."""
+
+    ack_wait: float
+    max_deliver: int
+
+
+class ConsumerMismatch(RuntimeError):
+    """The existing consumer cannot be made to work with this sidecar's settings."""
+
+
 async def ensure_consumer(
     js: JetStreamContext, stream: str, naming: Naming, settings: JetStreamSettings
-) -> None:
-    """The durable pull consumer all sidecars share."""
+) -> ConsumerSettings:
+    """Create the durable pull consumer all sidecars share, or update it to these settings.
+
+    NATS (2.10+) edits an existing consumer's ``ack_wait`` and ``max_deliver`` in place. When it
+    cannot (another filter, another ack policy), the consumer's real settings are used if they are
+    safe, and :class:`ConsumerMismatch` says what to fix if they are not: a worker that assumed its
+    own ``ack_wait`` would be redelivered while running, and a small ``max_deliver`` would drop
+    retried tasks without a result.
+    """
     config = api.ConsumerConfig(
         durable_name=naming.consumer_name,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait,
-        # One delivery more than the attempts allowed: the extra one turns into an error result.
-        max_deliver=settings.max_attempts + 1,
+        max_deliver=settings.max_deliveries,
         filter_subject=naming.task_subject,
         max_ack_pending=10_000,
         deliver_policy=api.DeliverPolicy.ALL,
     )
     try:
-        await js.add_consumer(stream, config)
-    except BadRequestError as exc:
-        # An existing consumer with other settings: keep it working rather than refuse to start.
-        log.warning("using existing consumer %s as is (%s)", naming.consumer_name, exc.description)
+        info = await js.add_consumer(stream, config)
+    except APIError as exc:  # the server refused the update (BadRequest or ServerError by version)
+        info = await js.consumer_info(stream, naming.consumer_name)
+        log.warning("consumer %s kept with its own settings (%s)", naming.consumer_name, exc.description)
+    actual = info.config
+    problems = []
+    if actual.deliver_subject:
+        problems.append(f"it is a push consumer (deliver_subject {actual.deliver_subject!r})")
+    if actual.ack_policy != api.AckPolicy.EXPLICIT:
+        problems.append(f"ack_policy is {actual.ack_policy}, not explicit")
+    if actual.filter_subject not in (None, "", naming.task_subject):
+        problems.append(f"filter_subject is {actual.filter_subject!r}, not {naming.task_subject!r}")
+    max_deliver = actual.max_deliver if actual.max_deliver is not None else -1
+    if 0 < max_deliver <= settings.max_attempts + 1:
+        problems.append(f"max_deliver is {max_deliver}: retried tasks would be dropped without a result")
+    if problems:
+        raise ConsumerMismatch(
+            f"consumer {naming.consumer_name} on stream {stream} cannot be used: {'; '.join(problems)}. "
+            f"Delete it (nats consumer rm {stream} {naming.consumer_name}) and start again."
+        )
+    ack_wait = float(actual.ack_wait or settings.ack_wait)
+    if ack_wait != settings.ack_wait:
+        log.warning("consumer %s has ack_wait %.0fs (configured %.0fs): using the consumer's",
+                    naming.consumer_name, ack_wait, settings.ack_wait)
+    return ConsumerSettings(ack_wait=ack_wait, max_deliver=max_deliver)
 
 
-async def _kv(js: JetStreamContext, bucket: str, *, history: int = 1, ttl: float | None = None) -> KeyValue:
+async def _kv(js: JetStreamContext, bucket: str, *, ttl: float | None) -> KeyValue:
+    """Bind to ``bucket``, or create it with one value per key (Station's settings)."""
     with contextlib.suppress(NotFoundError):
         return await js.key_value(bucket)
     try:
-        return await js.create_key_value(bucket=bucket, history=history, ttl=ttl)
-    except BadRequestError:
+        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+    except BadRequestError:  # created meanwhile by Station, a client or another sidecar
         return await js.key_value(bucket)
 
 
 async def ensure_buckets(js: JetStreamContext, naming: Naming, settings: JetStreamSettings) -> Buckets:
-    sessions = await _kv(js, naming.sessions_bucket, history=5)
-    state = await _kv(js, naming.state_bucket)
+    """The KV buckets and object store, bound when they exist (whoever made them), else created
+    as Station creates its own: history 1 and a 7-day TTL (the tasks bucket: the record TTL)."""
+    sessions = await _kv(js, naming.sessions_bucket, ttl=STATION_BUCKET_TTL)
+    state = await _kv(js, naming.state_bucket, ttl=STATION_BUCKET_TTL)
     tasks = await _kv(js, naming.tasks_bucket, ttl=settings.task_record_ttl)
+    # A lease nobody refreshes disappears with the bucket's max_age, so that is the lease TTL.
+    leases = await _kv(js, naming.leases_bucket, ttl=LEASE_BUCKET_SETTINGS["ttl"])
     try:
         files = await js.object_store(naming.object_store)
     except NotFoundError:
         try:
-            files = await js.create_object_store(naming.object_store)
+            files = await js.create_object_store(
+                naming.object_store, config=api.ObjectStoreConfig(ttl=STATION_BUCKET_TTL)
+            )
         except BadRequestError:
             files = await js.object_store(naming.object_store)
-    return Buckets(sessions=sessions, state=state, tasks=tasks, files=files)
+    return Buckets(sessions=sessions, state=state, tasks=tasks, leases=leases, files=files)

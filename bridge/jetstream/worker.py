@@ -1,52 +1,56 @@
-"""The JetStream side of the sidecar: pull tasks, run them, publish one result, ack.
+"""The JetStream side of the sidecar: pull tasks, run them, publish exactly one result, ack.
 
 Delivery rules:
-- A task is acked only after its result is published (and recorded), so a sidecar that dies
-  mid-task leaves it to be redelivered to another one after ``ack_wait``.
-- While a task runs, progress acks keep JetStream from redelivering it.
-- A message that is not JSON, or a task whose callback cannot be read, is dead-lettered (kept on
-  the dead-letter subject, logged) and terminated: it never loops.
-- A task that cannot be validated but has a readable callback gets an ``invalid_task`` error result.
-- A task delivered more than ``max_attempts`` times gets a ``redelivery_exhausted`` error result.
-- A task whose result was already published (the sidecar died between publish and ack) is acked
-  without running again.
+- A task is fetched only when a slot is free and the engine is healthy, so a busy or broken
+  sidecar never hoards or swallows the queue.
+- A message that cannot be read, or names callback subjects it may not, is dead-lettered (kept,
+  logged, terminated); an invalid task whose result subject is its own gets an ``invalid_task``
+  error result (:mod:`.intake`). Neither is ever redelivered.
+- The result is stored in the task record *before* it is published, then the message is acked:
+  a crash at any step leaves a redelivery that re-publishes the stored result. A copy of a task
+  that already has a result (the same ``taskID`` published twice) gets that result again; a copy
+  that arrives while the first one runs waits for it.
+- While a task runs, progress acks (a third of the consumer's real ``ack_wait``) keep JetStream
+  from redelivering it. A run whose sidecar died is retried up to ``max_attempts`` times, then
+  answered with ``redelivery_exhausted``.
+- Failures that are not the task's fault (engine unavailable, KV unavailable) give the task back
+  with a delay (``nak``) and do not count against it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic import ValidationError
+from nats.js.errors import NotFoundError
 
 from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.logs import logged_suppress
+from ocbridge.bridge.pipeline.retry import RetryTask
 from ocbridge.bridge.pipeline.runtime import Runtime
 from ocbridge.bridge.redact import Redactor
+from ocbridge.bridge.storage.stores import NatsArtifacts
 from ocbridge.client.kv import get_json
-from ocbridge.client.protocol import (
-    ErrorType,
-    Task,
-    TaskRecord,
-    TaskResult,
-    TaskStatus,
-    cancel_key,
-    describe_validation_error,
-    is_concrete_subject,
-    record_key,
-)
+from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key
 
 from .cancel import CancelRegistry
 from .deadletter import DeadLetters
+from .intake import Rejection, read_task
 from .ops_server import OpsServer
-from .setup import Buckets
+from .records import TaskRecords
+from .results import FLUSH_TIMEOUT, Publisher
+from .setup import Buckets, ConsumerSettings
 
 log = logging.getLogger(__name__)
+
+#: Seconds between warnings about the same persistent fetch failure.
+_FETCH_WARN_INTERVAL = 30.0
 
 
 class Worker:
@@ -59,47 +63,58 @@ class Worker:
         js: JetStreamContext,
         stream: str,
         buckets: Buckets,
+        consumer: ConsumerSettings,
         runtime: Runtime,
         config: BridgeConfig,
         redactor: Redactor,
         sidecar_id: str,
+        healthy: Callable[[], bool] = lambda: True,
+        rebind: Callable[[], Awaitable[ConsumerSettings]] | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self._stream = stream
         self._buckets = buckets
+        self._consumer = consumer
         self._pipeline = runtime.pipeline
         self._config = config
         self._naming = config.naming
         self._redactor = redactor
         self._sidecar_id = sidecar_id
+        self._healthy = healthy
+        self._rebind = rebind
         self._slots = asyncio.Semaphore(config.concurrency)
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
+        self._sub: Any = None
         self.cancels = CancelRegistry()
-        self._ops = OpsServer(nc, runtime.ops, redactor)
+        self._records = TaskRecords(buckets.tasks, redactor, sidecar_id)
+        self._publisher = Publisher(nc, NatsArtifacts(buckets.files), redactor)
+        self._ops = OpsServer(nc, runtime.ops, redactor, self._publisher, limit=config.concurrency)
         self._dead_letters = DeadLetters(js, self._naming.dead_letter, redactor)
 
     async def start(self) -> None:
-        self._sub = await self._js.pull_subscribe_bind(
-            durable=self._naming.consumer_name, stream=self._stream
-        )
+        await self._bind()
         self._cancel_sub = await self.cancels.listen(self._nc, self._naming.cancel_root)
         await self._ops.start(self._naming.ops_subject, self._naming.ops_queue)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="ocbridge-fetch")
         log.info(
-            "sidecar %s consuming %s (stream %s, concurrency %d)",
+            "sidecar %s consuming %s (stream %s, concurrency %d, ack_wait %.0fs)",
             self._sidecar_id, self._naming.task_subject, self._stream, self._config.concurrency,
+            self._consumer.ack_wait,
         )
+
+    async def _bind(self) -> None:
+        self._sub = await self._js.pull_subscribe_bind(durable=self._naming.consumer_name, stream=self._stream)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking tasks; let running ones finish within ``grace``, hand the rest back."""
         grace = self._config.shutdown_grace if grace is None else grace
         self._stopping.set()
         if self._loop_task is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress("stopping the fetch loop", log):
                 await asyncio.wait_for(self._loop_task, 5)
         if self._handlers:
             log.info("waiting up to %.0fs for %d running task(s)", grace, len(self._handlers))
@@ -109,16 +124,29 @@ class Worker:
             if pending:
                 await asyncio.wait(pending, timeout=15)
         if self._cancel_sub is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress("unsubscribing from cancels", log):
                 await self._cancel_sub.unsubscribe()
         await self._ops.stop(grace)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        if self._sub is not None:
+            with logged_suppress("unsubscribing from the consumer", log):
+                await self._sub.unsubscribe()
 
     # ---------------------------------------------------------------------------------- fetching
 
     async def _fetch_loop(self) -> None:
+        warned_at = 0.0
+        unhealthy = False
         while not self._stopping.is_set():
+            if not self._healthy():
+                # A broken engine must not pull (and fail) the queue while healthy sidecars idle.
+                if not unhealthy:
+                    log.warning("engine unhealthy: not taking tasks until it recovers")
+                unhealthy = True
+                await asyncio.sleep(1.0)
+                continue
+            if unhealthy:
+                log.info("engine healthy again: taking tasks")
+                unhealthy = False
             await self._slots.acquire()
             if self._stopping.is_set():
                 self._slots.release()
@@ -128,9 +156,16 @@ class Worker:
             except TimeoutError:
                 self._slots.release()
                 continue
-            except Exception as exc:  # connection trouble: NATS reconnects by itself
+            except Exception as exc:
                 self._slots.release()
-                log.debug("fetch failed: %s", exc)
+                now = time.monotonic()
+                if now - warned_at > _FETCH_WARN_INTERVAL:
+                    log.warning("fetching tasks failed: %s", exc)
+                    warned_at = now
+                if isinstance(exc, NotFoundError) and self._rebind is not None:
+                    with logged_suppress("re-creating the consumer", log):
+                        self._consumer = await self._rebind()
+                        await self._bind()
                 await asyncio.sleep(0.5)
                 continue
             handler = asyncio.create_task(self._handle(msgs[0]))
@@ -146,102 +181,181 @@ class Worker:
     # ---------------------------------------------------------------------------------- handling
 
     async def _handle(self, msg: Msg) -> None:
-        attempt = msg.metadata.num_delivered or 1
+        intake = read_task(msg.data, naming=self._naming, max_bytes=self._config.jetstream.max_task_bytes)
+        if isinstance(intake, Rejection):
+            await self._reject(msg, intake)
+            return
+        task = intake
         try:
-            raw = json.loads(msg.data)
-            if not isinstance(raw, dict):
-                raise ValueError("task must be a JSON object")
-        except ValueError as exc:
-            await self._dead_letters.send(msg, f"not a JSON object: {exc}")
+            record = await self._records.get(task.task_id)
+        except Exception as exc:  # KV trouble is not the task's fault: try again later
+            await self._give_back(msg, task.task_id, f"task record unreadable: {exc}")
             return
-        try:
-            task = Task.from_wire(raw)
-        except ValidationError as exc:
-            await self._reject(msg, raw, exc)
+        if record is not None and record.result is not None and record.state in ("publishing", "done"):
+            await self._republish(msg, task, record)
             return
+        seq = msg.metadata.sequence.stream
+        if record is not None and record.state == "running" and record.stream_seq not in (None, seq):
+            # The same taskID published twice while the first copy runs: wait for its result.
+            log.info("task %s: a copy is already running (message #%s); waiting for its result",
+                     task.task_id, record.stream_seq)
+            await self._nak(msg, self._config.jetstream.retry_delay)
+            return
+        runs = (record.attempt or 0) if record else 0
+        retries = (record.retries or 0) if record else 0
+        died = runs - retries if record is not None and record.state == "running" else 0
+        if died >= self._config.jetstream.max_attempts or self._last_delivery(msg):
+            error = f"task given up after {runs} run(s): its sidecar died while running it ({died} time(s))"
+            await self._finish(msg, task, self._error_result(task.task_id, error, ErrorType.REDELIVERY_EXHAUSTED),
+                               TaskRecord(taskID=task.task_id, state="publishing", attempt=runs, retries=retries,
+                                          streamSeq=seq), term=True)
+            return
+        state = TaskRecord(taskID=task.task_id, state="running", attempt=runs + 1, retries=retries, streamSeq=seq)
+        await self._run(msg, task, state)
 
-        task_id = task.task_id
-        record = await get_json(self._buckets.tasks, record_key(task_id))
-        if record and record.get("state") == "done":
-            log.warning("task %s already has a result; acking redelivered copy", task_id)
-            await msg.ack()
-            return
-        if attempt > self._config.jetstream.max_attempts:
-            error = f"task failed {attempt - 1} delivery attempts (a sidecar died while running it)"
-            result = self._error_result(task_id, error, ErrorType.REDELIVERY_EXHAUSTED)
-            await self._finish(msg, task, result, attempt, term=True)
-            return
-
+    async def _run(self, msg: Msg, task: Task, state: TaskRecord) -> None:
+        task_id, attempt = task.task_id, state.attempt or 1
         cancel = self.cancels.start(task_id)
-        if await get_json(self._buckets.state, cancel_key(task_id)) is not None:
-            cancel.set()
-        await self._record(TaskRecord(taskID=task_id, state="running", sidecar=self._sidecar_id, attempt=attempt))
-        log.info("task %s: attempt %d in workspace %r", task_id, attempt, task.workspace.name)
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        keepalive = asyncio.create_task(self._keep_alive(msg, task_id))
         try:
+            try:
+                if await get_json(self._buckets.state, cancel_key(task_id)) is not None:
+                    cancel.set()
+                await self._records.put(state)
+            except Exception as exc:
+                await self._give_back(msg, task_id, f"KV unavailable: {exc}")
+                return
+            log.info("task %s: attempt %d in workspace %r", task_id, attempt, task.workspace.name)
             if cancel.is_set():
                 result = self._error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
             else:
-                result = await self._pipeline.run(task, cancel)
+                result = await self._pipeline.run(task, cancel, attempt=attempt)
+        except RetryTask as exc:
+            await self._give_back(msg, task_id, str(exc), delay=exc.retry_after, state=state)
+            return
         except asyncio.CancelledError:
             # Shutdown past the grace period: give the task back for immediate redelivery.
-            keepalive.cancel()
-            with contextlib.suppress(Exception):
-                await msg.nak()
-                await self._record(TaskRecord(taskID=task_id, state="requeued", sidecar=self._sidecar_id))
-            log.warning("task %s handed back for redelivery", task_id)
+            await self._give_back(msg, task_id, "the sidecar is stopping", delay=0, state=state, requeued=True)
             raise
         finally:
             keepalive.cancel()
             self.cancels.finish(task_id)
-        await self._finish(msg, task, result, attempt)
+        state.state, state.result = "publishing", None
+        await self._finish(msg, task, result, state)
 
-    async def _finish(self, msg: Msg, task: Task, result: TaskResult, attempt: int, *, term: bool = False) -> None:
-        await self._publish_result(task.callback.result_subject, result)
-        with contextlib.suppress(Exception):
-            await self._record(
-                TaskRecord(taskID=task.task_id, state="done", sidecar=self._sidecar_id, attempt=attempt, result=result)
-            )
-        if term:
-            await msg.term()
-        else:
-            await msg.ack()
+    async def _finish(
+        self, msg: Msg, task: Task, result: TaskResult, record: TaskRecord, *, term: bool = False
+    ) -> None:
+        """Record the result, then publish it, then ack: a crash at any step leaves a redelivery
+        that re-publishes the stored result rather than running the agent again."""
+        task_id = task.task_id
+        try:
+            message = await self._publisher.encode(result.to_dict(), object_prefix=f"output/{task_id}/result")
+            record.result = TaskResult.from_wire(message)
+            record.state = "publishing"
+            await self._records.put(record)
+        except Exception as exc:
+            log.error("task %s: cannot store its result (%s); it will run again", task_id, exc)
+            await self._nak(msg, self._config.jetstream.retry_delay)
+            return
+        if not await self._publish(task, message):
+            await self._nak(msg, self._config.jetstream.retry_delay)  # re-published on redelivery
+            return
+        record.state = "done"
+        with logged_suppress(f"task {task_id}: recording it done", log):
+            await self._records.put(record)
+        if result.status == TaskStatus.CANCELLED:
+            # A cancel may have left cancel.<taskID> in the state bucket: no longer needed.
+            with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
+                await self._buckets.state.delete(cancel_key(task_id))
+        with logged_suppress(f"task {task_id}: ack", log):
+            await (msg.term() if term else msg.ack())
         log.info(
             "task %s: %s in %d ms (%d events)",
-            task.task_id, result.status.value, result.metrics.duration, result.metrics.stream_events,
+            task_id, result.status.value, result.metrics.duration, result.metrics.stream_events,
         )
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        interval = max(self._config.jetstream.ack_wait / 3, 0.2)
+    async def _republish(self, msg: Msg, task: Task, record: TaskRecord) -> None:
+        """A copy of a task that already has a result (a duplicate publish, or a redelivery after
+        the result was stored): publish the same result again, never run the agent twice."""
+        assert record.result is not None
+        log.info("task %s already has a result (%s); publishing it again", task.task_id, record.state)
+        if not await self._publish(task, record.result.to_wire()):
+            await self._nak(msg, self._config.jetstream.retry_delay)
+            return
+        if record.state != "done":
+            record.state = "done"
+            with logged_suppress(f"task {task.task_id}: recording it done", log):
+                await self._records.put(record)
+        with logged_suppress(f"task {task.task_id}: ack", log):
+            await msg.ack()
+
+    async def _publish(self, task: Task, message: bytes) -> bool:
+        try:
+            await self._nc.publish(task.callback.result_subject, message)
+            await self._nc.flush(timeout=FLUSH_TIMEOUT)
+        except Exception as exc:
+            log.error("task %s: publishing its result failed (%s); it will be published again", task.task_id, exc)
+            return False
+        return True
+
+    async def _give_back(
+        self, msg: Msg, task_id: str, reason: str, *, delay: float | None = None,
+        state: TaskRecord | None = None, requeued: bool = False,
+    ) -> None:
+        """Hand the task back without a result: it was not the task's fault, so the run does not
+        count against its attempts."""
+        delay = self._config.jetstream.retry_delay if delay is None else delay
+        log.warning("task %s given back (retry in %.0fs): %s", task_id, delay, self._redactor.text(reason))
+        if state is not None:
+            state.state = "requeued" if requeued else "retrying"
+            state.retries = (state.retries or 0) + 1
+            with logged_suppress(f"task {task_id}: recording the give-back", log):
+                await self._records.put(state)
+        await self._nak(msg, delay)
+
+    async def _nak(self, msg: Msg, delay: float) -> None:
+        with logged_suppress("nak", log):
+            await msg.nak(delay=delay or None)
+
+    def _last_delivery(self, msg: Msg) -> bool:
+        """Whether this is the consumer's last delivery of the message (``max_deliver``)."""
+        limit = self._consumer.max_deliver
+        return limit > 0 and (msg.metadata.num_delivered or 1) >= limit
+
+    async def _keep_alive(self, msg: Msg, task_id: str) -> None:
+        # A third of the consumer's real ack_wait (which may differ from the configured one).
+        interval = max(self._consumer.ack_wait / 3, 0.2)
+        failing = False
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            try:
                 await msg.in_progress()
-
-    async def _publish_result(self, subject: str, result: TaskResult) -> None:
-        payload = self._redactor.data(result.to_dict())
-        await self._nc.publish(subject, json.dumps(payload, separators=(",", ":")).encode())
-        await self._nc.flush(timeout=5)
-
-    async def _record(self, record: TaskRecord) -> None:
-        payload = self._redactor.data(record.to_dict())
-        await self._buckets.tasks.put(record_key(record.task_id), json.dumps(payload).encode())
+            except Exception as exc:
+                if not failing:  # once per outage, not every interval
+                    log.warning("task %s: progress ack failed (%s); it may be redelivered", task_id, exc)
+                failing = True
+            else:
+                failing = False
 
     def _error_result(self, task_id: str, error: str, error_type: ErrorType) -> TaskResult:
         return TaskResult(taskID=task_id, status=TaskStatus.ERROR, result=error, error=error, errorType=error_type)
 
-    async def _reject(self, msg: Msg, raw: dict[str, Any], exc: ValidationError) -> None:
-        """An invalid task: error result when we know where to send it, else dead letter."""
-        problems = describe_validation_error(exc)
-        callback = raw.get("callback")
-        result_subject = callback.get("resultSubject") if isinstance(callback, dict) else None
-        task_id = raw.get("taskID") if isinstance(raw.get("taskID"), str) else None
-        if not isinstance(result_subject, str) or not result_subject or not is_concrete_subject(result_subject):
-            await self._dead_letters.send(msg, f"invalid task and no result subject: {problems}")
+    async def _reject(self, msg: Msg, rejection: Rejection) -> None:
+        """A task that will not run: an error result where the task may be answered, else a dead letter."""
+        if rejection.result_subject is None or rejection.task_id is None:
+            await self._dead_letters.send(msg, rejection.reason)
             return
-        task_id = task_id or result_subject.rsplit(".", 1)[-1]
-        log.warning("task %s rejected: %s", task_id, self._redactor.text(problems))
-        result = self._error_result(task_id, f"invalid task: {problems}", ErrorType.INVALID_TASK)
-        await self._publish_result(result_subject, result)
-        await msg.ack()
+        log.warning("task %s rejected: %s", rejection.task_id, self._redactor.text(rejection.reason))
+        result = self._error_result(rejection.task_id, rejection.reason, ErrorType.INVALID_TASK)
+        try:
+            message = await self._publisher.encode(result.to_dict(), object_prefix=f"output/{rejection.task_id}/result")
+            await self._nc.publish(rejection.result_subject, message)
+            await self._nc.flush(timeout=FLUSH_TIMEOUT)
+        except Exception as exc:
+            log.error("task %s: publishing its rejection failed (%s)", rejection.task_id, exc)
+            await self._nak(msg, self._config.jetstream.retry_delay)
+            return
+        with logged_suppress(f"task {rejection.task_id}: ack", log):
+            await msg.ack()

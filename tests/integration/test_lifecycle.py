@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats, free_port
 from ocbridge.bridge.sidecar import Sidecar
 from ocbridge.client.client import CodingClient
-from support.stack import SidecarProcess, sidecar_config, unique_naming
+from support.stack import OCBRIDGE, SidecarProcess, sidecar_config, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 
@@ -129,3 +130,26 @@ async def test_task_submitted_before_any_sidecar_ever_ran_waits_for_one(nats_ser
         finally:
             await sidecar.stop()
     assert (tmp_path / "workspaces" / "early" / "early.txt").read_text() == "first"
+
+
+async def test_sigterm_stops_a_sidecar_still_waiting_for_its_first_nats_connection(tmp_path):
+    sidecar = process_config(tmp_path, "waiting", f"nats://127.0.0.1:{free_port()}", unique_naming())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCBRIDGE_")}
+    with sidecar.log_file.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            OCBRIDGE, "serve", "--config", str(sidecar.config_file), stdout=log, stderr=log, env=env,
+            start_new_session=True,
+        )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while "Connect call failed" not in sidecar.log_file.read_text(errors="replace"):
+            assert proc.returncode is None and loop.time() < deadline, sidecar.log_file.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert "signal received while starting" in sidecar.log_file.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

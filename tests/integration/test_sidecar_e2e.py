@@ -226,7 +226,7 @@ async def test_bad_tasks_get_an_error_result_or_dead_letter_and_the_sidecar_goes
         name = "../../etc" if payload == "escape" else "/tmp/../../root"
         task = station_task(naming, "create pwned.txt with content x", workspace=name, session="s-esc")
         task["taskID"] = task_id
-        task["callback"]["resultSubject"] = result_subject
+        task["callback"] = {"streamSubject": naming.stream_subject(task_id), "resultSubject": result_subject}
         payload = json.dumps(task)
     results = []
 
