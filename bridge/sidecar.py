@@ -28,6 +28,7 @@ from ocbridge.client.connection import connect, redact_nats_url
 from .config import BridgeConfig
 from .engines.base import Engine
 from .engines.factory import EngineHost
+from .logs import logged_suppress
 from .redact import Redactor, default_redactor
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,16 @@ class Sidecar:
         """Graceful stop: no new tasks, running ones get ``grace`` seconds, then everything is reaped."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError), logged_suppress("stopping the sweeper", log):
+                await self._sweeper
             self._sweeper = None
         if self.worker is not None:
             await self.worker.stop(grace)
             self.worker = None
         if self._nc is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress("draining the NATS connection", log):
                 await asyncio.wait_for(self._nc.drain(), 5)
-            with contextlib.suppress(Exception):
+            with logged_suppress("closing the NATS connection", log, level=logging.DEBUG):
                 await self._nc.close()
             self._nc = None
         if self._host is not None:

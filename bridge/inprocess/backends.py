@@ -8,7 +8,7 @@ the sidecar (``ocbridge.client._sidecar``).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +19,10 @@ from ocbridge.client.station.backends.nats import BackendError
 from ocbridge.client.station.config import StationCodingConfig, StationConfigError
 
 from ..config import ConfigError, load_config
+from ..logs import logged_suppress
 from .runner import LocalRunner
+
+log = logging.getLogger(__name__)
 
 
 def _prune(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +107,7 @@ class LocalBackend(CodingBackend):
         try:
             await runner.start()
         except BaseException:
-            with contextlib.suppress(Exception):
+            with logged_suppress(f"stopping the {self.name} backend after a failed start", log):
                 await runner.aclose()
             raise
         self._runner = runner

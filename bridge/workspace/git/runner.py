@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -34,11 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.processes import kill_group
 from ocbridge.bridge.redact import Redactor, default_redactor
 
 from .errors import GitError, GitTimeout
 from .settings import GitSettings
+
+log = logging.getLogger(__name__)
 
 #: Inherited variables git may need (home for ~/.gitconfig and ssh keys, proxies, CA bundles...).
 _ENV_KEEP = frozenset({
@@ -269,7 +273,7 @@ async def run_git(
         raise GitTimeout(f"git {what} timed out after {timeout:g} s and was stopped", redactor=redactor) from None
     except BaseException:
         kill_group(proc.pid)
-        with contextlib.suppress(Exception):
+        with logged_suppress(f"reaping git {what}", log):
             await asyncio.shield(proc.wait())
         raise
     result = GitResult(

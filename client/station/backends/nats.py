@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -30,6 +31,8 @@ from ocbridge.client.protocol import (
 )
 
 from .base import CodingBackend, EventCallback
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(OcbridgeError, RuntimeError):
@@ -107,8 +110,10 @@ class NatsBackend(CodingBackend):
                     await on_event(event)
             return await handle.result(timeout=5)
         except TimeoutError:
-            with contextlib.suppress(Exception):
+            try:
                 await handle.cancel("no result in time")
+            except Exception as exc:  # the timeout result below is what matters; say why no cancel
+                log.warning("task %s: cancelling after the timeout failed: %s", task.task_id, exc)
             return TaskResult(
                 taskID=task.task_id, status=TaskStatus.TIMEOUT,
                 error=f"no result from any sidecar within {timeout:.0f}s", errorType="timeout",
@@ -118,8 +123,10 @@ class NatsBackend(CodingBackend):
             return TaskResult(taskID=task.task_id, status=TaskStatus.ERROR, error=str(exc), errorType=exc.error_type)
         except asyncio.CancelledError:
             # Whoever called us gave up (e.g. the MCP client cancelled the tool call): stop the work.
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(handle.cancel("caller cancelled"))
+            except Exception as exc:
+                log.warning("task %s: cancelling for the caller failed: %s", task.task_id, exc)
             raise
         finally:
             await handle.close()

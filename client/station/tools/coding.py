@@ -19,7 +19,7 @@ so an LLM can read it; ``coding_open`` and ``coding_close`` have no such field i
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +66,8 @@ from .sessions import SessionLookupError, find_session
 from .trace import TraceRecorder
 
 _In = TypeVar("_In", bound=ToolModel)
+
+log = logging.getLogger(__name__)
 
 
 class CodingToolError(OcbridgeError):
@@ -313,9 +315,13 @@ class CodingTools:
         """The workspace name of an open session (this process's, else the backend's session list)."""
         if session_id in self._open:
             return self._open[session_id].workspace
-        with contextlib.suppress(Exception):
-            for state in await self.backend.sessions():
-                if state.session_name == session_id:
-                    self._open[session_id] = _OpenSession(state.workspace_name, state.workspace_path)
-                    return state.workspace_name
+        try:
+            states = await self.backend.sessions()
+        except Exception as exc:  # fall back to the session id as the workspace name
+            log.warning("listing sessions to find %s's workspace failed: %s", session_id, exc)
+            states = []
+        for state in states:
+            if state.session_name == session_id:
+                self._open[session_id] = _OpenSession(state.workspace_name, state.workspace_path)
+                return state.workspace_name
         raise CodingToolError(f"unknown session {session_id!r}: open one with coding_open first")
