@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ocbridge.client.client import CodingClient
-from support.stack import SidecarProcess, unique_naming
+from support.stack import SidecarProcess, settled, unique_naming
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 
@@ -83,15 +83,14 @@ async def test_sidecar_killed_mid_task_its_task_completes_on_the_other(two_sidec
     await victim.kill()
 
     result = await handle.result(timeout=90)
-    await asyncio.sleep(0.5)
+    await settled(client, handle.task_id)  # a duplicate result would have arrived by now
     await sub.unsubscribe()
     assert result.status == "completed", result.error
     assert (root / "ws-kill" / "survived.txt").read_text() == "yes"
     assert len(results) == 1
     record = await client.task_record(handle.task_id)
     assert record.attempt == 2 and str(victim.proc.pid) not in record.sidecar
-    # The killed sidecar's OpenCode did not outlive it.
-    await asyncio.sleep(0.5)
+    # The killed sidecar's OpenCode did not outlive it (PDEATHSIG: the kernel kills it at once).
     victim_data = yaml.safe_load(victim.config_file.read_text())["data_dir"]
     leftovers = [
         p for p in Path("/proc").iterdir()

@@ -42,12 +42,17 @@ async def wait_for_prompt(handle) -> None:
     raise AssertionError("the task ended before its prompt was sent")
 
 
-async def test_first_connect_is_retried_until_nats_comes_up(tmp_path):
+async def test_first_connect_is_retried_until_nats_comes_up(tmp_path, caplog):
     port = free_port()
     naming = unique_naming()
     sidecar = Sidecar(sidecar_config(f"nats://127.0.0.1:{port}", tmp_path, naming))
     starting = asyncio.create_task(sidecar.start())
-    await asyncio.sleep(3)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    # Wait for several failed connection attempts, then check the sidecar is still trying.
+    while sum("Connect call failed" in r.getMessage() for r in caplog.records) < 3:
+        assert not starting.done() and loop.time() < deadline, "the sidecar gave up while NATS was down"
+        await asyncio.sleep(0.1)
     assert not starting.done(), "the sidecar gave up while NATS was down"
     async with EmbeddedNats(tmp_path / "late-nats", port=port) as nats:
         await asyncio.wait_for(starting, 30)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ocbridge.client.protocol import StreamEvent, TaskResult
+from support.stack import settled
 
 pytestmark = [pytest.mark.opencode, pytest.mark.slow]
 
@@ -36,8 +37,9 @@ def station_task(naming, prompt: str, *, workspace: str, session: str, cont: boo
 class StationListener:
     """What Station does: subscribe to both callback subjects, then publish with core NATS."""
 
-    def __init__(self, nc, task: dict) -> None:
-        self.nc = nc
+    def __init__(self, client, task: dict) -> None:
+        self.client = client
+        self.nc = client.nc
         self.task = task
         self.events: list[tuple[float, StreamEvent]] = []
         self.results: list[TaskResult] = []
@@ -62,7 +64,7 @@ class StationListener:
 
     async def wait(self, timeout: float = 60) -> TaskResult:
         await asyncio.wait_for(self.done.wait(), timeout)
-        await asyncio.sleep(0.3)  # a second result would arrive now
+        await settled(self.client, self.task["taskID"])  # a second result would have arrived by now
         for sub in self.subs:
             await sub.unsubscribe()
         return self.results[0]
@@ -72,7 +74,7 @@ async def test_station_task_creates_file_with_live_ordered_events_and_one_result
     sidecar, client = stack
     naming = client.naming
     task = station_task(naming, "create hello.txt with content Hello World", workspace="ws-hello", session="s-hello")
-    listener = StationListener(client.nc, task)
+    listener = StationListener(client, task)
     await listener.publish(naming.task_subject)
     result = await listener.wait()
 
@@ -162,8 +164,7 @@ async def test_cancel_stops_a_running_task(stack):
     handle = await client.submit("slow 30", workspace="ws-cancel", session="s-cancel")
     loop = asyncio.get_running_loop()
     async for event in handle.events(timeout=60):
-        if event.type == "prompt_sent":
-            await asyncio.sleep(1)
+        if event.type == "text":  # the slow answer is streaming: cancel it mid-way
             cancelled_at = loop.time()
             await handle.cancel("test")
             break
@@ -240,7 +241,14 @@ async def test_bad_tasks_get_an_error_result_or_dead_letter_and_the_sidecar_goes
     # The sidecar keeps serving: a good task right after completes.
     good = await client.run("hello", workspace="ws-after-bad", session=f"s-after-{task_id[:6]}", wait=60)
     assert good.status == "completed"
-    await asyncio.sleep(0.3)
+    # Every message handled (a result is published before its message is acked): then look.
+    for _ in range(400):
+        info = await js.consumer_info(naming.stream_name, naming.consumer_name)
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    await client.nc.flush()
+    await asyncio.sleep(0)
     await sub.unsubscribe()
     if expect_result:
         assert len(results) == 1

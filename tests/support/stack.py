@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ocbridge.bridge.config import BridgeConfig, load_config
+from ocbridge.client.client import CodingClient
 from ocbridge.client.protocol import Naming
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +96,24 @@ class SidecarProcess:
 def require_tools() -> None:
     if not (ROOT / ".tools/npm/node_modules/.bin/opencode").exists() and not shutil.which("opencode"):
         pytest.fail("opencode is not installed: run scripts/setup")
+
+
+async def settled(client: CodingClient, task_id: str, timeout: float = 30.0) -> None:
+    """Return once the sidecar has finished with ``task_id`` (its record is ``done``) and every
+    result it published has reached ``client``'s subscriptions.
+
+    The sidecar publishes a result before it marks the record done, on one connection, so by the
+    time this reads ``done`` the server has already queued that result to this client (ahead of
+    the KV reply); a flush and one loop turn later, the callbacks have run. No sleeping.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        record = await client.task_record(task_id)
+        if record is not None and record.state == "done":
+            break
+        if loop.time() > deadline:
+            raise TimeoutError(f"task {task_id} not settled within {timeout}s (record: {record})")
+        await asyncio.sleep(0.05)
+    await client.nc.flush()
+    await asyncio.sleep(0)
