@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sysconfig
 from pathlib import Path
 
 from ..config import BridgeConfig
+from ..logs import logged_suppress
 from ..processes import find_binary
 from .base import Engine
 
@@ -106,9 +106,9 @@ class EngineHost:
     async def aclose(self) -> None:
         """Stop the engine (reaping its processes) and the offline model; never raises."""
         if self.engine is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress(f"stopping the {self.engine.name} engine", log):
                 await self.engine.aclose()
         if self._offline_model is not None:
-            with contextlib.suppress(Exception):
+            with logged_suppress("stopping the offline model", log):
                 await self._offline_model.stop()
             self._offline_model = None

@@ -28,6 +28,7 @@ from ocbridge.bridge.engines.cli.process import CLIProcess, run_capture
 from ocbridge.bridge.offline_model.configs import claude_env, opencode_provider_config
 from ocbridge.bridge.offline_model.server import OfflineModelServer
 from ocbridge.bridge.processes import collect_tree, process_alive, process_of
+from ocbridge.client.protocol import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".tools" / "npm" / "node_modules" / ".bin"
@@ -341,6 +342,65 @@ async def test_write_thinking_tokens_and_resume(engine: Engine, tmp_path: Path) 
 
     unknown = "ses_unknown" if isinstance(engine, OpenCodeCLIEngine) else str(uuid.uuid4())
     assert (await engine.open_session(ws, "t", unknown)).created
+
+
+@pytest.mark.slow
+async def test_concurrent_prompts_on_a_fresh_store(model: OfflineModelServer, tmp_path: Path) -> None:
+    """Four tasks at once on a new ``opencode-cli`` engine. They used to fail with OpenCode's
+    "database is locked" (or a migration's "Failed query: CREATE TABLE"): every ``opencode run``
+    opened and migrated the shared store at the same moment."""
+    assert model.url is not None
+    settings = OpenCodeCLISettings(binary=need("opencode"), state_dir=tmp_path / "state",
+                                   config=opencode_provider_config(model.url), extra_path=[str(VENV_BIN)])  # fmt: skip
+    async with OpenCodeCLIEngine(settings) as eng:
+        dirs = [tmp_path / f"ws{i}" for i in range(4)]
+        handles = []
+        for i, directory in enumerate(dirs):
+            directory.mkdir()
+            handles.append(await eng.open_session(directory, f"task {i}", None))
+        requests = [PromptRequest(d, h.id, f"create f{i}.txt with content {i}") for i, (d, h) in
+                    enumerate(zip(dirs, handles, strict=True))]  # fmt: skip
+        outcomes = await asyncio.wait_for(asyncio.gather(*(eng.run(r, Recorder()) for r in requests)), 240)
+        for i, (directory, outcome) in enumerate(zip(dirs, outcomes, strict=True)):
+            assert outcome.error is None and (directory / f"f{i}.txt").read_text() == str(i)
+        ids = {o.session_id for o in outcomes}
+        assert len(ids) == 4 and all(i and i.startswith("ses_") for i in ids)
+        # Each session stays continuable (--session), whichever run wrote it.
+        again = await eng.open_session(dirs[2], "task 2", outcomes[2].session_id)
+        recall = await eng.run(PromptRequest(dirs[2], again.id, "recall"), Recorder())
+        assert not again.created and recall.session_id == outcomes[2].session_id
+        assert recall.text == 'I remember: "create f2.txt with content 2"'
+    assert eng.running == 0
+
+
+@pytest.mark.slow
+async def test_wire_values_are_never_options(engine: Engine, tmp_path: Path) -> None:
+    """R11: a model, agent or session id from a task that an argv parser could read as an option is
+    refused as the task's fault before any process starts; free text (a title) goes as one value."""
+    ws = workspace(tmp_path)
+    good_session = "ses_abc" if isinstance(engine, OpenCodeCLIEngine) else str(uuid.uuid4())
+    bad = [
+        PromptRequest(ws, good_session, "hello", model=ModelRef(provider_id="offline", model_id="--help")),
+        PromptRequest(ws, good_session, "hello", agent="--dangerously-skip-permissions"),
+        PromptRequest(ws, good_session, "hello", agent="-x"),
+        PromptRequest(ws, "--help", "hello"),
+        PromptRequest(ws, f"{good_session} --verbose", "hello"),
+    ]
+    for request in bad:
+        with pytest.raises(EngineError) as caught:
+            await engine.run(request, Recorder())
+        assert caught.value.error_type == "invalid_task"
+        assert engine.running == 0  # type: ignore[attr-defined]
+    with pytest.raises(EngineError) as caught:
+        await engine.open_session(ws, "t", "--resume")
+    assert caught.value.error_type == "invalid_task"
+
+    handle = await engine.open_session(ws, "--help -x", None)
+    outcome = await engine.run(PromptRequest(ws, handle.id, "hello"), Recorder())
+    assert outcome.error is None and outcome.text == "OK: hello" and engine.healthy()
+    if isinstance(engine, OpenCodeCLIEngine):
+        titles = {s["id"]: s["title"] for s in await engine.list_sessions(ws)}
+        assert titles[outcome.session_id] == "--help -x"
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ocbridge.bridge.engines.base import AgentEvent, EngineError, PromptRequest
+from ocbridge.bridge.engines.base import AgentEvent, EngineError, EngineUnavailable, PromptRequest
 from ocbridge.bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
 from ocbridge.bridge.engines.opencode.api import OpenCodeAPI, new_message_id
 from ocbridge.bridge.engines.opencode.events import SSEParser, parse_global
@@ -214,11 +214,14 @@ class Recorder:
         self.events: list[AgentEvent] = []
         self.times: list[float] = []
         self.first = asyncio.Event()
+        self.tool_started = asyncio.Event()
 
     async def __call__(self, event: AgentEvent) -> None:
         self.events.append(event)
         self.times.append(time.monotonic())
         self.first.set()
+        if event.kind == "tool_start":
+            self.tool_started.set()
 
     def kinds(self) -> list[str]:
         return [e.kind for e in self.events]
@@ -315,7 +318,9 @@ async def test_second_prompt_continues_the_session(engine: OpenCodeEngine, works
     outcome = await run(engine, workspace, first.id, "recall")
     assert outcome.message_count == 2 and "swordfish" in outcome.text
     await engine.release(workspace)
+    assert first.id in engine._exchanges  # still in use: its count is kept
     await engine.release(workspace)
+    assert first.id not in engine._exchanges  # no task uses the directory: forgotten (R10)
 
 
 @pytest.mark.opencode
@@ -380,6 +385,77 @@ async def test_run_ends_by_polling_when_the_stream_is_down(engine: OpenCodeEngin
         await engine.events.start()
     assert outcome.text.startswith("slow") and outcome.error is None and not outcome.aborted
     await engine.release(workspace)
+
+
+async def poll_history(engine: OpenCodeEngine, ws: Path, sid: str, ready: Callable[[list[Any]], bool]) -> list[Any]:
+    """The session history once ``ready(assistant messages)`` holds (polling the real server)."""
+    assert engine.api is not None
+    for _ in range(400):
+        messages = await engine.api.messages(str(ws), sid)
+        assistants = [m for m in messages if m["info"]["role"] == "assistant"]
+        if ready(assistants):
+            return messages
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the history of {sid} never got there: {messages}")
+
+
+@pytest.mark.opencode
+async def test_outcome_after_a_gap_in_the_stream_comes_from_the_history(
+    engine: OpenCodeEngine, workspace: Path
+) -> None:
+    """B4: the stream drops mid-run and reconnects; the first step (a tool call) ended meanwhile,
+    so its tokens were only in lost events. The outcome still counts and says everything."""
+    handle = await engine.open_session(workspace, "gap", None)
+    events = engine.events
+    assert events is not None
+    rec = Recorder()
+    task = asyncio.create_task(run(engine, workspace, handle.id, "run sleep 1.5 && echo one\nslow 3", rec))
+    await asyncio.wait_for(rec.tool_started.wait(), 15)
+    await events.stop()  # the stream drops: what OpenCode sends from now on is lost
+    connections = events.connections
+
+    def second_step_streaming(assistants: list[Any]) -> bool:
+        # The first step (tool call) is over and the answer has begun: its text part exists (its
+        # text is stored only at the end; the deltas in between are events only).
+        return (
+            len(assistants) == 2
+            and bool(assistants[0]["info"].get("time", {}).get("completed"))
+            and not assistants[1]["info"].get("time", {}).get("completed")
+            and any(p["type"] == "text" for p in assistants[1]["parts"])
+        )
+
+    await poll_history(engine, workspace, handle.id, second_step_streaming)
+    await events.start()  # reconnected: the run is told events may be missing
+    outcome = await asyncio.wait_for(task, 30)
+
+    assert engine.api is not None
+    history = await engine.api.messages(str(workspace), handle.id)
+    assistants = [m["info"] for m in history if m["info"]["role"] == "assistant"]
+    assert events.connections == connections + 1 and len(assistants) == 2
+    final_text = "".join(p.get("text", "") for p in history[-1]["parts"] if p["type"] == "text").strip()
+    assert outcome.text == final_text and outcome.text.startswith("slow slow")
+    assert outcome.text.endswith(rec.text())  # what the live stream showed, after the gap
+    assert outcome.prompt_tokens == sum(a["tokens"]["input"] for a in assistants) > assistants[1]["tokens"]["input"]
+    assert outcome.completion_tokens == sum(a["tokens"]["output"] + a["tokens"]["reasoning"] for a in assistants)
+    assert (outcome.tool_calls, outcome.message_count, outcome.error) == (1, 1, None)
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_session_ids_from_outside_never_reach_a_url(engine: OpenCodeEngine, workspace: Path) -> None:
+    """R17: an id from KV or the wire is checked before it becomes a path segment."""
+    assert engine.api is not None
+    for bad in ("../../global/health", "ses_x/../../config", "ses_1?directory=/etc", "-x", "ses_ 1"):
+        for attempt in (
+            engine.run(PromptRequest(workspace, bad, "hello"), Recorder()),
+            engine.open_session(workspace, "t", bad),
+            engine.abort(workspace, bad),
+            engine.api.get_session(str(workspace), bad),
+        ):
+            with pytest.raises(EngineError) as caught:
+                await attempt
+            assert caught.value.error_type == "invalid_task", bad
+    assert not engine.directories.in_use(str(workspace))  # nothing held by the refused calls
 
 
 @pytest.mark.opencode
@@ -530,19 +606,24 @@ async def test_server_killed_mid_run_is_restarted(engine: OpenCodeEngine, worksp
     await asyncio.wait_for(rec.first.wait(), 15)
     assert await wait_until(lambda: bool(pids_running("sleep 31.7")), 5)
     restarts, killed_at = process.restarts, time.monotonic()
+    assert engine.healthy()
     os.kill(process.pid, signal.SIGKILL)
-    with pytest.raises(EngineError, match="lost"):
+    # Not the task's fault: the task is to be given back and tried again (not an error result).
+    with pytest.raises(EngineUnavailable, match="lost") as lost:
         await asyncio.wait_for(task, 10)
-    assert time.monotonic() - killed_at < 5
+    assert time.monotonic() - killed_at < 5 and lost.value.retry_after > 0
+    assert not engine.healthy()  # the worker stops fetching until the server is back
     assert await wait_until(lambda: not pids_running("sleep 31.7"), 5), "orphaned tool command left running"
     events = engine.events
     assert await wait_until(lambda: process.restarts > restarts and events.connected.is_set(), 20)
+    assert engine.healthy()
     assert process.restarts == restarts + 1
     logging.getLogger(__name__).info("opencode restarted in %.2fs", time.monotonic() - killed_at)
     again = await engine.open_session(workspace, "restart", handle.id)
     assert not again.created
     outcome = await run(engine, workspace, handle.id, "recall")
     assert "teal" in outcome.text and outcome.error is None
+    assert outcome.message_count == 3  # counted from the history again: the lost run left its prompt
     await engine.release(workspace)
     # Killed while idle: the next calls wait for the replacement instead of failing.
     assert process.pid is not None

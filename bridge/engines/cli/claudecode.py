@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ocbridge.bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.names import check_name, check_uuid
 from ocbridge.client.protocol import ToolInfo
 
 from .common import (
@@ -29,6 +30,7 @@ from .common import (
     Translator,
     as_float,
     as_int,
+    plain_text,
     real_dir,
     stderr_excerpt,
 )
@@ -86,6 +88,7 @@ class ClaudeTranslator(Translator):
 
     def feed(self, event: JSON) -> list[AgentEvent]:
         kind = event.get("type")
+        self.started = True  # any line: the conversation exists, running it again would repeat it
         if isinstance(event.get("session_id"), str) and event["session_id"]:
             self.session_id = event["session_id"]
         message = event.get("message") if isinstance(event.get("message"), dict) else {}
@@ -267,6 +270,8 @@ class ClaudeCodeEngine(CLIEngine):
 
     async def open_session(self, directory: Path, title: str, existing_id: str | None) -> SessionHandle:
         """The existing session if its conversation is stored, else a new uuid (created on first run)."""
+        if existing_id:
+            check_uuid(existing_id)
         if existing_id and self.transcript(existing_id) is not None:
             return SessionHandle(existing_id, created=False)
         if existing_id in self._titles:  # issued by an earlier open, not run yet: still fresh
@@ -280,30 +285,36 @@ class ClaudeCodeEngine(CLIEngine):
     async def run(self, request: PromptRequest, on_event: EventSink) -> RunOutcome:
         """Run the prompt (passed on stdin) in ``request.session_id`` (``""``: a new session)."""
         s = self.settings
-        argv = [self.binary, "-p", "--output-format", "stream-json", "--verbose"]
-        if s.max_turns:
-            argv += ["--max-turns", str(s.max_turns)]
-        baseline = 0.0
-        if request.session_id:
-            if (transcript := self.transcript(request.session_id)) is not None:
-                argv += ["--resume", request.session_id]
-                baseline = await asyncio.to_thread(session_cost, transcript)
-            else:
-                argv += ["--session-id", request.session_id]
-                if title := self._titles.pop(request.session_id, None):
-                    argv += ["--name", title]
+        # Values from the wire are checked first; every value goes as "--option=value": never read
+        # as an option, and the variadic options (--allowedTools...) cannot swallow what follows.
+        session_id = check_uuid(request.session_id) if request.session_id else ""
         model = request.model.model_id if request.model is not None else s.model
         if model:
-            argv += ["--model", model]
+            check_name(model, "model")
         if request.agent:
-            argv += ["--agent", request.agent]
-        # "--opt=a,b" form: these options are variadic and would swallow a following argument.
+            check_name(request.agent, "agent")
+        argv = [self.binary, "-p", "--output-format=stream-json", "--verbose"]
+        if s.max_turns:
+            argv.append(f"--max-turns={int(s.max_turns)}")
+        baseline = 0.0
+        if session_id:
+            if (transcript := self.transcript(session_id)) is not None:
+                argv.append("--resume=" + session_id)
+                baseline = await asyncio.to_thread(session_cost, transcript)
+            else:
+                argv.append("--session-id=" + session_id)
+                if title := plain_text(self._titles.pop(session_id, None) or ""):
+                    argv.append("--name=" + title)
+        if model:
+            argv.append("--model=" + model)
+        if request.agent:
+            argv.append("--agent=" + request.agent)
         if s.allowed_tools:
             argv.append("--allowedTools=" + ",".join(s.allowed_tools))
         if s.disallowed_tools:
             argv.append("--disallowedTools=" + ",".join(s.disallowed_tools))
         if s.permission_mode:
-            argv += ["--permission-mode", s.permission_mode]
+            argv.append("--permission-mode=" + s.permission_mode)
         argv += s.extra_args
         # The prompt goes on stdin: no argv size limit, and a leading "-" is never an option.
         translator = ClaudeTranslator(real_dir(request.directory), request.session_id, baseline_cost=baseline)

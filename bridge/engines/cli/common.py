@@ -3,6 +3,11 @@
 A CLI engine runs one agent process per prompt (``opencode run``, ``claude -p``), turns its JSON
 lines into :class:`AgentEvent` s through an engine-specific :class:`Translator`, and kills the whole
 process tree on abort, cancellation or any error.
+
+A failure that is not the task's fault raises :class:`EngineUnavailable` (the task is given back
+and tried again later): the binary gone, the CLI killed by a signal the bridge did not send, or a
+failure its translator calls transient (OpenCode's database locked). When such a failure happens
+before the run did anything, the same command is first tried again here, with backoff.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -19,10 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineError, EventSink, PromptRequest, RunOutcome
+from ocbridge.bridge.engines.base import (
+    AgentEvent,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    EventSink,
+    PromptRequest,
+    RunOutcome,
+)
 from ocbridge.bridge.processes import INHERITED_ENV, find_binary, inherited_environment
 
-from .process import CLIProcess, run_capture
+from .process import MAX_LINE, CLIProcess, run_capture
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +71,15 @@ class CLISettings:
     exit_timeout: float = 15.0
     #: Timeout of short helper commands (``--version``, session listing).
     command_timeout: float = 30.0
+    #: Longest output line kept; a longer one is dropped with a warning.
+    max_line_bytes: int = MAX_LINE
+    #: A run that fails transiently before doing anything (OpenCode's database locked) is started
+    #: again up to this many attempts in all, ``retry_backoff`` seconds apart (doubled each time,
+    #: with jitter); after that the task is given back (:class:`EngineUnavailable`).
+    retry_attempts: int = 4
+    retry_backoff: float = 0.5
+    #: Delay before a task given back by this engine is tried again.
+    retry_after: float = 2.0
 
 
 class Translator(abc.ABC):
@@ -64,6 +87,9 @@ class Translator(abc.ABC):
 
     #: The session id seen in the output (``None`` until the CLI reports it).
     session_id: str | None = None
+    #: Whether the run did anything yet (printed progress, not just an error). A run that failed
+    #: transiently before it started is safe to start again.
+    started: bool = False
 
     @abc.abstractmethod
     def feed(self, event: JSON) -> list[AgentEvent]:
@@ -72,7 +98,8 @@ class Translator(abc.ABC):
     @abc.abstractmethod
     def finish(self, returncode: int, stderr: str, aborted: bool) -> RunOutcome:
         """The outcome once the process exited; raises :class:`EngineError` when it failed
-        without saying why in its output."""
+        without saying why in its output, :class:`EngineUnavailable` when the failure is not the
+        task's fault."""
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +109,7 @@ class _Run:
     proc: CLIProcess
     translator: Translator
     aborted: bool = False
+    attempts: int = 0
 
     def matches(self, directory: str, session_id: str) -> bool:
         # "" is the placeholder of a session the CLI has not created yet: it matches such runs.
@@ -92,6 +120,12 @@ class _Run:
 def real_dir(directory: Path | str) -> str:
     """The canonical form of a directory, used as registry key and as the CLI's cwd."""
     return os.path.realpath(directory)
+
+
+def plain_text(text: str, limit: int = 200) -> str:
+    """Free text (a session title) fit for one argv item: control characters (NUL cannot be in
+    argv at all) become spaces, and it is cut at ``limit`` characters."""
+    return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text)[:limit].strip()
 
 
 def stderr_excerpt(stderr: str, limit: int = 800) -> str:
@@ -114,6 +148,8 @@ class CLIEngine(Engine):
         self._runs: set[_Run] = set()
         self._state_dir: Path | None = settings.state_dir
         self._temporary_state = False
+        #: Runs started again after a transient failure before they did anything (for logs, tests).
+        self.retries = 0
 
     # ---------------------------------------------------------------------------- hooks
 
@@ -170,6 +206,11 @@ class CLIEngine(Engine):
             shutil.rmtree(self._state_dir, ignore_errors=True)
             self._state_dir = None
 
+    def healthy(self) -> bool:
+        """Started, and its binary still there and executable (a CLI engine has no server that
+        could be down; what each run needs is checked when it starts)."""
+        return self._state_dir is not None and os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)
+
     async def release(self, directory: Path) -> None:
         """Nothing to free: a CLI run holds no resources once its process is gone."""
 
@@ -202,38 +243,88 @@ class CLIEngine(Engine):
         stdin: bytes | None = None,
     ) -> RunOutcome:
         """Run one CLI process to completion, relaying its events; the tree is killed on any exit
-        path (abort, cancellation, an exception from ``on_event``...)."""
+        path (abort, cancellation, an exception from ``on_event``...).
+
+        A transient failure before the run started (see :attr:`Translator.started`) starts the
+        same command again, up to ``retry_attempts`` in all; :class:`EngineUnavailable` after that.
+        """
+        s = self.settings
         directory = real_dir(request.directory)
-        proc = CLIProcess(argv, cwd=directory, env=self.environment(), stdin_data=stdin,
-                          kill_grace=self.settings.kill_grace)  # fmt: skip
-        run = _Run(directory, request.session_id, proc, translator)
+        run = _Run(directory, request.session_id, self._process(argv, directory, stdin), translator)
         self._runs.add(run)
         try:
-            async with proc:
-                if run.aborted:  # abort() came while the process was starting
-                    await proc.kill_tree()
+            while True:
+                run.attempts += 1
+                code, stderr = await self._attempt(run, on_event)
                 try:
-                    async with asyncio.timeout(self.settings.max_run_seconds):
-                        async for raw in proc.lines():
-                            event = parse_line(raw)
-                            if event is not None:
-                                for agent_event in translator.feed(event):
-                                    await on_event(agent_event)
-                except TimeoutError:
-                    raise EngineError(
-                        f"{self.name} run still going after {self.settings.max_run_seconds:.0f}s: killed"
-                    ) from None
-                code = await proc.wait(self.settings.exit_timeout)
-                stderr = await proc.stderr_done()
+                    outcome = self._finish(run, code, stderr)
+                    break
+                except EngineUnavailable as exc:
+                    if translator.started or run.aborted or run.attempts >= s.retry_attempts:
+                        raise
+                    delay = s.retry_backoff * 2 ** (run.attempts - 1) * random.uniform(0.75, 1.25)
+                    self.retries += 1
+                    log.warning(
+                        "%s in %s: %s before the run started; starting it again in %.1fs (attempt %d of %d)",
+                        self.name, directory, exc.message, delay, run.attempts + 1, s.retry_attempts,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+                    if run.aborted:  # abort() came while waiting
+                        outcome = translator.finish(code, stderr, aborted=True)
+                        break
+                    run.proc = self._process(argv, directory, stdin)
         finally:
             self._runs.discard(run)
-        outcome = translator.finish(code, stderr, run.aborted)
         log.info(
             "%s run in %s (session %s) ended: code %s, %s",
             self.name, directory, outcome.session_id, code,
             "aborted" if outcome.aborted else (outcome.error or "ok"),
         )  # fmt: skip
         return outcome
+
+    def _process(self, argv: list[str], directory: str, stdin: bytes | None) -> CLIProcess:
+        s = self.settings
+        return CLIProcess(argv, cwd=directory, env=self.environment(), stdin_data=stdin, kill_grace=s.kill_grace,
+                          max_line=s.max_line_bytes)  # fmt: skip
+
+    async def _attempt(self, run: _Run, on_event: EventSink) -> tuple[int, str]:
+        """Run ``run.proc`` to its end: ``(exit code, stderr tail)``."""
+        proc, translator, limit = run.proc, run.translator, self.settings.max_run_seconds
+        try:
+            async with proc:
+                if run.aborted:  # abort() came while the process was starting
+                    await proc.kill_tree()
+                try:
+                    async with asyncio.timeout(limit):
+                        async for raw in proc.lines():
+                            event = parse_line(raw)
+                            if event is not None:
+                                for agent_event in translator.feed(event):
+                                    await on_event(agent_event)
+                except TimeoutError:
+                    raise EngineError(f"{self.name} run still going after {limit:.0f}s: killed") from None
+                code = await proc.wait(self.settings.exit_timeout)
+                stderr = await proc.stderr_done()
+        except EngineError as exc:
+            if proc.pid is None and not self.healthy():
+                # The binary is gone (an upgrade in progress?): not the task's fault.
+                raise EngineUnavailable(f"{exc.message} ({self.name} binary missing)",
+                                        retry_after=self.settings.retry_after) from exc  # fmt: skip
+            raise
+        return code, stderr
+
+    def _finish(self, run: _Run, code: int, stderr: str) -> RunOutcome:
+        """The translator's outcome; a CLI killed by a signal the bridge did not send (the OOM
+        killer, an operator) without telling how the run ended is not the task's fault."""
+        try:
+            return run.translator.finish(code, stderr, run.aborted)
+        except EngineUnavailable:
+            raise
+        except EngineError as exc:
+            if code < 0 and not run.proc.killed and not run.aborted:
+                raise EngineUnavailable(f"{exc.message} (killed by signal {-code}, not by the bridge)",
+                                        retry_after=self.settings.retry_after) from exc  # fmt: skip
+            raise
 
     def base_environment(self) -> dict[str, str]:
         """Inherited variables (see ``inherit_env``) with ``extra_path`` prepended to PATH."""
@@ -245,9 +336,15 @@ class CLIEngine(Engine):
 
     async def helper(self, args: list[str], cwd: Path | str) -> tuple[int, str, str]:
         """Run a short helper command of the CLI (same environment as the runs)."""
-        return await run_capture(
-            [self.binary, *args], cwd=cwd, env=self.environment(), timeout=self.settings.command_timeout
-        )
+        try:
+            return await run_capture(
+                [self.binary, *args], cwd=cwd, env=self.environment(), timeout=self.settings.command_timeout
+            )
+        except EngineError as exc:
+            if not self.healthy():
+                raise EngineUnavailable(f"{exc.message} ({self.name} binary missing)",
+                                        retry_after=self.settings.retry_after) from exc  # fmt: skip
+            raise
 
 
 def parse_line(raw: bytes) -> JSON | None:

@@ -7,18 +7,46 @@ No server to supervise: each prompt starts a fresh ``opencode run`` in the sessi
 Sessions are created lazily by ``opencode run`` itself, so :meth:`OpenCodeCLIEngine.open_session`
 returns the placeholder id ``""`` for a new session and the run reports the real id in
 :attr:`RunOutcome.session_id`.
+
+Concurrent runs share OpenCode's SQLite store (``$XDG_DATA_HOME/opencode/opencode.db``, where the
+sessions live, so that any run can continue any session with ``--session``). What OpenCode 1.18.33
+does with it, and how this engine copes:
+
+- Every process opens the store with ``PRAGMA journal_mode = WAL`` *before* it sets its
+  ``busy_timeout`` (5 s), then applies the schema migrations. On a fresh store, concurrent first
+  runs race on both: "database is locked", or a migration's ``CREATE TABLE`` failing. The engine
+  therefore creates and migrates the store once, in :meth:`OpenCodeCLIEngine.start`, before any run.
+- Every process then upserts its project row; a writer holding the lock longer than the 5 s busy
+  timeout (a loaded machine, four runs at once) makes that fail ("Failed query: insert into
+  project ..."), and in WAL mode a read-then-write transaction can get ``SQLITE_BUSY`` at once.
+  Such a failure before the run printed anything is safe to run again: the engine does, with
+  backoff; if it persists, or happens mid-run, the run raises :class:`EngineUnavailable` and the
+  task is given back to be tried later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocbridge.bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.base import (
+    AgentEvent,
+    EngineError,
+    EngineUnavailable,
+    EventSink,
+    PromptRequest,
+    RunOutcome,
+    SessionHandle,
+)
+from ocbridge.bridge.engines.names import check_name, check_opencode_session
+from ocbridge.bridge.engines.opencode.api import RETRY_STORE, STORE_BUSY
 from ocbridge.bridge.engines.opencode.settings import (
     DEFAULT_PERMISSION,
     OFFLINE_SWITCHES,
@@ -36,6 +64,7 @@ from .common import (
     Translator,
     as_float,
     as_int,
+    plain_text,
     real_dir,
     stderr_excerpt,
 )
@@ -43,6 +72,15 @@ from .common import (
 log = logging.getLogger(__name__)
 
 SUPPORTED_MAJOR = "1."
+
+#: OpenCode's store refusing a query: "database is locked" itself, or (for a statement run with
+#: its busy timeout) only "Failed query: <sql>" with the SQLite cause left out.
+STORE_FAILURE = re.compile(rf"{STORE_BUSY.pattern}|Failed query:", re.IGNORECASE)
+
+
+def store_failure(text: str) -> bool:
+    """Whether OpenCode's output says its own database refused a query."""
+    return bool(STORE_FAILURE.search(text))
 
 
 @dataclass(slots=True)
@@ -89,6 +127,8 @@ class OpenCodeTranslator(Translator):
             self.session_id = event["sessionID"]
         kind, part = event.get("type"), event.get("part")
         part = part if isinstance(part, dict) else {}
+        if kind != "error":
+            self.started = True
         if kind == "step_start":
             self.step_texts = []
         elif kind in ("text", "reasoning"):
@@ -152,9 +192,15 @@ class OpenCodeTranslator(Translator):
             return outcome
         if self.error is not None:
             outcome.error, outcome.error_type = describe_error(self.error)
+            if store_failure(outcome.error):
+                message = f"OpenCode's database refused a query: {outcome.error}"
+                raise EngineUnavailable(message, retry_after=RETRY_STORE)
             return outcome
         if returncode != 0:
-            raise EngineError(f"opencode run exited with code {returncode}: {stderr_excerpt(stderr)}")
+            message = f"opencode run exited with code {returncode}: {stderr_excerpt(stderr)}"
+            if store_failure(stderr):
+                raise EngineUnavailable(f"OpenCode's database refused a query: {message}", retry_after=RETRY_STORE)
+            raise EngineError(message)
         return outcome
 
 
@@ -188,9 +234,26 @@ class OpenCodeCLIEngine(CLIEngine):
         if not version.startswith(SUPPORTED_MAJOR):
             log.warning("OpenCode %s: the JSON output of `opencode run` was tested with 1.18.33", version)
 
+    async def start(self) -> None:
+        """Check the binary, then create and migrate OpenCode's store once (see the module notes):
+        concurrent first runs on a fresh store would race on it."""
+        await super().start()
+        await self.list_sessions(self.state_dir)
+
     async def list_sessions(self, directory: Path) -> list[JSON]:
         """``opencode session list --format json`` run in ``directory`` (its project's sessions)."""
-        code, out, err = await self.helper(["session", "list", "--format", "json"], cwd=real_dir(directory))
+        s = self.settings
+        for attempt in range(1, s.retry_attempts + 1):
+            code, out, err = await self.helper(["session", "list", "--format", "json"], cwd=real_dir(directory))
+            if code == 0 or not store_failure(err):
+                break
+            message = f"opencode session list failed with code {code}: {stderr_excerpt(err)}"
+            if attempt == s.retry_attempts:
+                raise EngineUnavailable(f"OpenCode's database refused a query: {message}", retry_after=RETRY_STORE)
+            self.retries += 1
+            delay = s.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+            log.warning("%s; trying again in %.1fs", message, delay)
+            await asyncio.sleep(delay)
         if code != 0:
             raise EngineError(f"opencode session list failed with code {code}: {stderr_excerpt(err)}")
         if not out.strip():
@@ -206,6 +269,7 @@ class OpenCodeCLIEngine(CLIEngine):
         ``SessionHandle("", created=True)``: the next :meth:`run` creates it with ``title``."""
         key = real_dir(directory)
         if existing_id:
+            check_opencode_session(existing_id)
             for session in await self.list_sessions(directory):
                 if session.get("id") != existing_id:
                     continue
@@ -224,18 +288,25 @@ class OpenCodeCLIEngine(CLIEngine):
         """Run the prompt (passed on stdin); ``session_id`` ``""`` creates a new session."""
         s = self.settings
         directory = real_dir(request.directory)
-        argv = [self.binary, "run", "--format", "json"]
+        # Values from the wire are checked first, then go as "--option=value": never read as options.
+        if request.session_id:
+            check_opencode_session(request.session_id)
+        if request.model is not None:
+            check_name(request.model.provider_id, "provider")
+            check_name(request.model.model_id, "model")
+        model = str(request.model) if request.model is not None else s.model
+        agent = request.agent or s.agent
+        argv = [self.binary, "run", "--format=json"]
         if s.thinking:
             argv.append("--thinking")
         if request.session_id:
-            argv += ["--session", request.session_id]
-        elif title := self._titles.pop(directory, None):
-            argv += ["--title", title]
-        model = str(request.model) if request.model is not None else s.model
+            argv.append("--session=" + request.session_id)
+        elif title := plain_text(self._titles.pop(directory, None) or ""):
+            argv.append("--title=" + title)  # free text: the "=" form keeps even "-x" a value
         if model:
-            argv += ["--model", model]
-        if agent := request.agent or s.agent:
-            argv += ["--agent", agent]
+            argv.append("--model=" + check_name(model, "model"))
+        if agent:
+            argv.append("--agent=" + check_name(agent, "agent"))
         argv += s.extra_args
         # The prompt goes on stdin, not argv: no size limit (argv strings stop at 128 KiB) and a
         # prompt starting with "-" cannot be taken for an option.

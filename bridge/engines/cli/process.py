@@ -13,7 +13,6 @@ compared), and zombies count as dead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
@@ -38,6 +37,9 @@ log = logging.getLogger(__name__)
 #: Environment variable holding a per-run random marker, inherited by every process of the tree.
 MARKER_VAR = "OCBRIDGE_CLI_RUN"
 _CHUNK = 256 * 1024
+#: Longest stdout line kept (Claude Code lines carry whole file contents and exceed 64 KiB); a
+#: longer one is dropped with a warning instead of growing memory without bound.
+MAX_LINE = 32 * 1024 * 1024
 
 
 async def _finish_shielded(work: Awaitable[None]) -> None:
@@ -82,8 +84,11 @@ class CLIProcess:
         stdin_data: bytes | None = None,
         stderr_limit: int = 64 * 1024,
         kill_grace: float = 2.0,
+        max_line: int = MAX_LINE,
     ) -> None:
         self.argv = list(argv)
+        self.max_line = max_line
+        self.dropped_lines = 0
         self.cwd = str(cwd)
         self.marker = EnvMarker(MARKER_VAR)
         self.env = {**env, MARKER_VAR: self.marker.value}
@@ -147,23 +152,40 @@ class CLIProcess:
             await self._sweep()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task, result in zip(self._tasks, results, strict=True):
+            if isinstance(result, Exception):  # cancelled helpers are what was asked for
+                log.warning("%s: %s failed: %s: %s", self.argv[0], task.get_name(), type(result).__name__, result)
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """stdout split on newlines, with no length limit (Claude Code lines exceed 64 KiB)."""
+        """stdout split on newlines. Lines may be long (Claude Code's exceed 64 KiB), but one over
+        ``max_line`` bytes is dropped with a warning (counted in :attr:`dropped_lines`)."""
         assert self._proc is not None and self._proc.stdout is not None
         stdout, buffer = self._proc.stdout, bytearray()
+        skipped = 0  # bytes of an oversized line dropped so far (its end is still to come)
         while chunk := await stdout.read(_CHUNK):
             buffer += chunk
             start = 0
             while (end := buffer.find(b"\n", start)) >= 0:
-                yield bytes(buffer[start:end])
+                if skipped:
+                    self._dropped_line(skipped + end - start)
+                    skipped = 0
+                else:
+                    yield bytes(buffer[start:end])
                 start = end + 1
             del buffer[:start]
-        if buffer.strip():
+            if len(buffer) > self.max_line:
+                skipped += len(buffer)
+                buffer.clear()
+        if skipped:
+            self._dropped_line(skipped + len(buffer))
+        elif buffer.strip():
             yield bytes(buffer)
+
+    def _dropped_line(self, size: int) -> None:
+        self.dropped_lines += 1
+        log.warning("%s (pid %s) printed a line of %d bytes, over the limit of %d: dropped it",
+                    self.argv[0], self.pid, size, self.max_line)  # fmt: skip
 
     async def wait(self, timeout: float) -> int:
         """Wait for the process to exit; on timeout kill the tree. Returns the exit code."""

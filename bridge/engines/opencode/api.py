@@ -7,18 +7,22 @@ Errors become :class:`EngineError` with the method, path and status, never the c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
-from ocbridge.bridge.engines.base import EngineError
+from ocbridge.bridge.engines.base import EngineError, EngineUnavailable
+from ocbridge.bridge.engines.names import check_opencode_session
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,42 @@ def new_message_id() -> str:
     return "msg_" + format(value & 0xFFFFFFFFFFFF, "012x") + "".join(secrets.choice(_BASE62) for _ in range(14))
 
 
-class ServerUnreachable(EngineError):
+#: OpenCode's own SQLite store refusing a query, typically because another connection holds its
+#: lock for longer than OpenCode's 5 s busy timeout. What OpenCode 1.18.33 shows of it: a run's
+#: ``session.error`` "UnknownError: effect/sql/SqlError: Failed to execute statement", a 500
+#: "Unexpected server error" whose logged cause is "LockTimeoutError ... SQLiteError: database is
+#: locked", and from ``opencode run`` "database is locked" (see also ``opencode_cli``).
+STORE_BUSY = re.compile(
+    r"database (?:table )?is locked|SQLITE_BUSY|SQLITE_LOCKED|LockTimeoutError|SqlError|SQLiteError", re.IGNORECASE
+)
+#: How long a task waits before it is tried again after each kind of unavailability.
+RETRY_SERVER = 3.0
+RETRY_STORE = 2.0
+
+
+class ServerUnreachable(EngineUnavailable):
     """The connection was refused or reset: typically the server died (the engine then waits for
     the supervisor's replacement and sends again)."""
+
+    def __init__(self, message: str, *, retry_after: float = RETRY_SERVER) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+def session_path(session_id: str, tail: str = "") -> str:
+    """``/session/{id}{tail}`` for a checked session id: an id from KV or from the wire can never
+    turn into another path (``../``, ``?``, ``#``...); a bad one is an ``invalid_task`` error."""
+    return f"/session/{check_opencode_session(session_id)}{tail}"
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _segment(value: str) -> str:
+    """One URL path segment for an id OpenCode sent us (permission and question requests): a plain
+    id as it is, anything else refused (``.``/``..`` would survive quoting and move the path)."""
+    if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
+        raise EngineError(f"OpenCode sent an unusable request id {quote(str(value), safe='')[:80]!r}")
+    return value
 
 
 class OpenCodeAPI:
@@ -62,6 +99,9 @@ class OpenCodeAPI:
         self._headers = _auth_headers(username, password)
         self.request_timeout = request_timeout
         self._http: aiohttp.ClientSession | None = None
+        #: For a managed server: the cause OpenCode logged for the ``ref`` of a 500 answer (its
+        #: body only says "Unexpected server error. Check server logs for details.").
+        self.explain: Callable[[str], str | None] | None = None
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -110,10 +150,19 @@ class OpenCodeAPI:
                     return None
                 if resp.status == 401:
                     raise EngineError(f"{what}: authentication rejected (401); check the server password")
+                if resp.status >= 500:
+                    # The server failed, not the request (those are 4xx): its database locked, a
+                    # proxy in front, a crash. Tried again later.
+                    cause = await self._cause(text)
+                    message = f"{what} failed with HTTP {resp.status}: {_excerpt(text)}{cause}"
+                    busy = STORE_BUSY.search(text + cause)
+                    raise EngineUnavailable(message, retry_after=RETRY_STORE if busy else RETRY_SERVER)
                 if resp.status >= 400:
                     raise EngineError(f"{what} failed with HTTP {resp.status}: {_excerpt(text)}")
         except TimeoutError as exc:
-            raise EngineError(f"{what} timed out after {limit.total:.1f}s") from exc
+            # A server that does not answer in time is hung or overloaded (the supervisor replaces
+            # a hung one): not the task's fault.
+            raise EngineUnavailable(f"{what} timed out after {limit.total:.1f}s", retry_after=RETRY_SERVER) from exc
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
             raise ServerUnreachable(f"{what} failed: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
@@ -126,6 +175,23 @@ class OpenCodeAPI:
         except ValueError as exc:
             raise EngineError(f"{what} returned invalid JSON: {_excerpt(text)}") from exc
 
+    async def _cause(self, body: str) -> str:
+        """`` (logged cause: ...)`` for a 500 answer carrying an error ``ref``, when known."""
+        if self.explain is None:
+            return ""
+        try:
+            data = json.loads(body).get("data") or {}
+            ref = data.get("ref")
+        except (ValueError, AttributeError):
+            return ""
+        if not isinstance(ref, str):
+            return ""
+        for _ in range(3):  # the server may answer a moment before its log line is written
+            if cause := await asyncio.to_thread(self.explain, ref):
+                return f" (logged cause: {_excerpt(cause)})"
+            await asyncio.sleep(0.1)
+        return ""
+
     @asynccontextmanager
     async def stream(self, path: str, *, connect_timeout: float = 10.0) -> AsyncIterator[aiohttp.ClientResponse]:
         """Open a long-lived GET (the SSE event stream); yields the response once headers arrived."""
@@ -135,6 +201,8 @@ class OpenCodeAPI:
             resp = await self._session().get(
                 self._base + path, timeout=limit, headers={**self._headers, "Accept": "text/event-stream"}
             )
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise ServerUnreachable(f"{what} failed: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise EngineError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
         try:
@@ -165,11 +233,11 @@ class OpenCodeAPI:
 
     async def get_session(self, directory: str, session_id: str) -> JSON | None:
         """The session's info, or ``None`` when OpenCode does not know it."""
-        return await self.request("GET", f"/session/{session_id}", directory=directory, allow_404=True)
+        return await self.request("GET", session_path(session_id), directory=directory, allow_404=True)
 
     async def delete_session(self, directory: str, session_id: str) -> bool:
         """Delete a session; ``False`` when it did not exist."""
-        result = await self.request("DELETE", f"/session/{session_id}", directory=directory, allow_404=True)
+        result = await self.request("DELETE", session_path(session_id), directory=directory, allow_404=True)
         return bool(result)
 
     async def list_sessions(self, directory: str) -> list[JSON]:
@@ -193,14 +261,15 @@ class OpenCodeAPI:
             body["agent"] = agent
         if message_id:
             body["messageID"] = message_id
-        await self.request("POST", f"/session/{session_id}/prompt_async", directory=directory, body=body)
+        await self.request("POST", session_path(session_id, "/prompt_async"), directory=directory, body=body)
 
     async def abort(self, directory: str, session_id: str, timeout: float | None = None) -> bool:
-        return bool(await self.request("POST", f"/session/{session_id}/abort", directory=directory, timeout=timeout))
+        path = session_path(session_id, "/abort")
+        return bool(await self.request("POST", path, directory=directory, timeout=timeout))
 
     async def messages(self, directory: str, session_id: str) -> list[JSON]:
         """The whole history ``[{info, parts}]``, oldest first."""
-        return await self.request("GET", f"/session/{session_id}/message", directory=directory) or []
+        return await self.request("GET", session_path(session_id, "/message"), directory=directory) or []
 
     async def session_status(self, directory: str, timeout: float | None = None) -> dict[str, JSON]:
         """``{session_id: {"type": "busy" | "retry"}}``; idle sessions are absent."""
@@ -209,10 +278,11 @@ class OpenCodeAPI:
     async def reply_permission(self, directory: str, request_id: str, reply: str) -> bool:
         """Answer a permission request with ``once``, ``always`` or ``reject``."""
         body = {"reply": reply}
-        return bool(await self.request("POST", f"/permission/{request_id}/reply", directory=directory, body=body))
+        path = f"/permission/{_segment(request_id)}/reply"
+        return bool(await self.request("POST", path, directory=directory, body=body))
 
     async def reject_question(self, directory: str, request_id: str) -> bool:
-        return bool(await self.request("POST", f"/question/{request_id}/reject", directory=directory))
+        return bool(await self.request("POST", f"/question/{_segment(request_id)}/reject", directory=directory))
 
     async def dispose_instance(self, directory: str) -> bool:
         """Unload the directory's instance (it is loaded again on the next call about it)."""

@@ -66,6 +66,11 @@ class DirectoryTracker:
             state.holders = max(0, state.holders - 1)
             state.last_used = time.monotonic()
 
+    def in_use(self, key: str) -> bool:
+        """Whether a task holds ``key`` or a run is in progress there."""
+        state = self._dirs.get(key)
+        return state is not None and bool(state.holders or state.running)
+
     @asynccontextmanager
     async def running(self, key: str) -> AsyncIterator[None]:
         """Mark ``key`` in use for the duration of a run."""

@@ -3,7 +3,13 @@
 A run registers for its session's events, sends the prompt with ``prompt_async`` (carrying our
 own message id, so the run knows its user message), relays events as they come, ends on
 ``session.idle`` (or, as a safety net, when ``GET /session/status`` and the history say so) and
-builds its outcome from the session history.
+builds its outcome from what the stream told it, or from the session history when the stream may
+have missed something (a reconnect, a queue overflow, an error or an abort).
+
+Failures that are not the task's fault raise :class:`EngineUnavailable` (the task is given back and
+tried again later): the server down or being restarted, the event stream not connected, the
+server lost during the run, OpenCode's own database locked. The supervised server restarts itself
+meanwhile, and :meth:`OpenCodeEngine.healthy` says when it serves again.
 """
 
 from __future__ import annotations
@@ -17,11 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ocbridge.bridge.engines.base import Engine, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.base import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    EventSink,
+    PromptRequest,
+    RunOutcome,
+    SessionHandle,
+)
+from ocbridge.bridge.engines.names import check_opencode_session
 
-from .api import OpenCodeAPI, ServerUnreachable, new_message_id
+from .api import RETRY_SERVER, RETRY_STORE, STORE_BUSY, OpenCodeAPI, ServerUnreachable, new_message_id
 from .directories import DirectoryTracker, dir_key
-from .events import SERVER_LOST, Event, EventHub, Subscription
+from .events import GAP, SERVER_LOST, Event, EventHub, Subscription
 from .server import OpenCodeProcess, check_version
 from .settings import OpenCodeSettings
 from .translate import RunTranslator, describe_error, outcome_from_messages, run_finished
@@ -52,8 +67,10 @@ class OpenCodeEngine(Engine):
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # Session id -> exchanges (user messages) so far, to report message_count without reading
-        # the whole history after every run.
+        # the whole history after every run. Forgotten when its directory is no longer in use (the
+        # next run there counts from the history once) and after a failed run.
         self._exchanges: dict[str, int] = {}
+        self._dir_sessions: dict[str, set[str]] = {}
 
     @property
     def url(self) -> str | None:
@@ -76,6 +93,7 @@ class OpenCodeEngine(Engine):
                 self.api = OpenCodeAPI(
                     url, username=s.username, password=self.process.password, request_timeout=s.request_timeout
                 )
+                self.api.explain = self.process.explain
                 self.process.add_listener(self._on_server)
             else:
                 assert s.url is not None
@@ -112,6 +130,14 @@ class OpenCodeEngine(Engine):
             await self.api.aclose()
             self.api = None
 
+    def healthy(self) -> bool:
+        """Started, its event stream connected and, for a managed server, the process running and
+        answering its health checks. False while the supervisor restarts the server."""
+        if self.api is None or self.events is None or not self.events.connected.is_set():
+            return False
+        process = self.process
+        return process is None or (process.alive and process.answering)
+
     def _api(self) -> OpenCodeAPI:
         if self.api is None or self.events is None:
             raise EngineError("OpenCode engine is not started")
@@ -125,7 +151,11 @@ class OpenCodeEngine(Engine):
             try:
                 await asyncio.wait_for(self.events.connected.wait(), self.settings.startup_timeout)
             except TimeoutError:
-                raise EngineError("OpenCode is not reachable (event stream down; server restarting?)") from None
+                raise EngineUnavailable(
+                    f"OpenCode is not reachable: its event stream has been down for "
+                    f"{self.settings.startup_timeout:.0f}s (server restarting?)",
+                    retry_after=RETRY_SERVER,
+                ) from None
         return api
 
     async def _retrying(self, call: Callable[[OpenCodeAPI], Awaitable[T]]) -> T:
@@ -162,13 +192,17 @@ class OpenCodeEngine(Engine):
     async def open_session(self, directory: Path, title: str, existing_id: str | None) -> SessionHandle:
         """Reuse ``existing_id`` when OpenCode knows it in this directory, else create a session.
         The directory counts as in use until :meth:`release`."""
+        if existing_id:
+            check_opencode_session(existing_id)
         key = dir_key(directory)
         await self.directories.hold(key)
         try:
-            return await self._retrying(lambda api: self._open(api, key, title, existing_id))
+            handle = await self._retrying(lambda api: self._open(api, key, title, existing_id))
         except BaseException:
             self.directories.release(key)
             raise
+        self._dir_sessions.setdefault(key, set()).add(handle.id)
+        return handle
 
     async def _open(self, api: OpenCodeAPI, key: str, title: str, existing_id: str | None) -> SessionHandle:
         if existing_id:
@@ -182,18 +216,40 @@ class OpenCodeEngine(Engine):
         return SessionHandle(str(info["id"]), created=True)
 
     async def release(self, directory: Path) -> None:
-        """The task in ``directory`` is over: its instance may be disposed once idle long enough."""
-        self.directories.release(dir_key(directory))
+        """The task in ``directory`` is over: its instance may be disposed once idle long enough,
+        and the bookkeeping of its sessions is dropped once no task uses the directory."""
+        key = dir_key(directory)
+        self.directories.release(key)
+        self._forget_unused(key)
+
+    def _forget_unused(self, key: str) -> None:
+        """Drop the exchange counts of the sessions of ``key`` once no task uses it."""
+        if not self.directories.in_use(key):
+            for sid in self._dir_sessions.pop(key, ()):
+                self._exchanges.pop(sid, None)
+
+    @property
+    def tracked_sessions(self) -> int:
+        """Sessions whose exchange count is kept in memory (bounded by the directories in use)."""
+        return len(self._exchanges)
 
     async def abort(self, directory: Path, session_id: str) -> None:
         """Ask OpenCode to stop the session's run (the run then ends with ``aborted=True``)."""
-        await self._api().abort(dir_key(directory), session_id, timeout=5.0)
+        await self._api().abort(dir_key(directory), check_opencode_session(session_id), timeout=5.0)
 
     # ----------------------------------------------------------------------------- running
 
     async def run(self, request: PromptRequest, on_event: EventSink) -> RunOutcome:
         """Send the prompt, stream its events to ``on_event``, and return how it ended."""
-        key, sid = dir_key(request.directory), request.session_id
+        key, sid = dir_key(request.directory), check_opencode_session(request.session_id)
+        try:
+            async with self.directories.running(key):
+                self._dir_sessions.setdefault(key, set()).add(sid)
+                return await self._run(request, key, sid, on_event)
+        finally:
+            self._forget_unused(key)  # a run without open_session()/release()
+
+    async def _run(self, request: PromptRequest, key: str, sid: str, on_event: EventSink) -> RunOutcome:
         message_id = new_message_id()
         translator = RunTranslator(sid, message_id)
         model = None
@@ -210,23 +266,23 @@ class OpenCodeEngine(Engine):
             subs[:] = [self.events.subscribe(sid, key)]
             await api.prompt_async(key, sid, request.prompt, model=model, agent=request.agent, message_id=message_id)
 
-        async with self.directories.running(key):
-            sent = False
-            try:
-                await self._retrying(send)
-                sent = True
-                await self._follow(key, subs[0], translator, on_event)
-                return await self._outcome(key, sid, message_id, translator)
-            except BaseException:
-                # Cancelled (the pipeline gave up), the sink failed, the stream failed...: do not
-                # let OpenCode go on working on a run nobody follows any more.
-                if sent:
-                    self._spawn(self._quiet_abort(key, sid))
-                raise
-            finally:
-                for sub in subs:
-                    if self.events is not None:
-                        self.events.unsubscribe(sub)
+        sent = False
+        try:
+            await self._retrying(send)
+            sent = True
+            await self._follow(key, subs[0], translator, on_event)
+            return await self._outcome(key, sid, message_id, translator)
+        except BaseException:
+            # Cancelled (the pipeline gave up), the sink failed, the stream failed...: do not
+            # let OpenCode go on working on a run nobody follows any more.
+            if sent:
+                self._spawn(self._quiet_abort(key, sid))
+            self._exchanges.pop(sid, None)  # the history has an unfinished exchange: recount
+            raise
+        finally:
+            for sub in subs:
+                if self.events is not None:
+                    self.events.unsubscribe(sub)
 
     async def _follow(self, key: str, sub: Subscription, tr: RunTranslator, on_event: EventSink) -> None:
         """Feed events to ``on_event`` until the run is over (idle after our prompt was seen)."""
@@ -243,7 +299,11 @@ class OpenCodeEngine(Engine):
             wake = min(next_poll, deadline, poll.finish_by or deadline)
             item = await sub.get(timeout=max(0.05, wake - now))
             if item == SERVER_LOST:
-                raise EngineError("OpenCode server was lost during the run (it is being restarted)")
+                raise EngineUnavailable(
+                    "OpenCode server was lost during the run (it is being restarted)", retry_after=RETRY_SERVER
+                )
+            if item == GAP:
+                tr.lossy = True  # events may be missing: the outcome comes from the history
             if isinstance(item, Event):
                 for event in tr.feed(item.payload):
                     await on_event(event)
@@ -270,7 +330,9 @@ class OpenCodeEngine(Engine):
         except EngineError as exc:
             poll.failing_since = poll.failing_since or now
             if now - poll.failing_since >= max(15.0, 3 * s.status_poll_interval):
-                raise EngineError(f"OpenCode stopped answering during the run: {exc}") from exc
+                raise EngineUnavailable(
+                    f"OpenCode stopped answering during the run: {exc}", retry_after=RETRY_SERVER
+                ) from exc
             return False
         poll.failing_since = None
         if tr.session_id in status:
@@ -287,15 +349,27 @@ class OpenCodeEngine(Engine):
         return run_finished(messages, tr.user_message_id) or idle_for >= 2.0
 
     async def _outcome(self, key: str, sid: str, message_id: str, tr: RunTranslator) -> RunOutcome:
-        streamed = tr.outcome()
+        outcome = await self._read_outcome(key, sid, message_id, tr)
+        if outcome.error and STORE_BUSY.search(outcome.error):
+            # OpenCode's own store refused a query (its lock held too long): not the task's fault.
+            self._exchanges.pop(sid, None)
+            raise EngineUnavailable(f"OpenCode's database refused a query: {outcome.error}", retry_after=RETRY_STORE)
+        return outcome
+
+    async def _read_outcome(self, key: str, sid: str, message_id: str, tr: RunTranslator) -> RunOutcome:
+        # After a gap in the stream (reconnect, overflow) the stream's account may be partial:
+        # text, tokens and tool calls then come from the history alone.
+        streamed = None if tr.lossy else tr.outcome()
         if streamed is not None:
             streamed.message_count = await self._count_exchange(key, sid)
             return streamed
+        if tr.lossy:
+            log.info("OpenCode session %s: events were lost during the run; its outcome comes from the history", sid)
         api = self._api()
         messages = await api.messages(key, sid)
         # On abort, session.idle precedes the message's final update by a moment: wait for it.
         for _ in range(20):
-            if run_finished(messages, message_id) or not tr.saw_assistant:
+            if run_finished(messages, message_id) or not (tr.saw_assistant or tr.lossy):
                 break
             await asyncio.sleep(0.05)
             messages = await api.messages(key, sid)
@@ -306,10 +380,11 @@ class OpenCodeEngine(Engine):
                 outcome.aborted = True
             else:
                 outcome.error, outcome.error_type = describe_error(tr.error)
-        if not outcome.prompt_tokens and not outcome.completion_tokens:
+        if not tr.lossy and not outcome.prompt_tokens and not outcome.completion_tokens:
             outcome.prompt_tokens, outcome.completion_tokens = tr.prompt_tokens, tr.completion_tokens
             outcome.cost = outcome.cost or tr.cost
-        outcome.tool_calls = max(outcome.tool_calls, tr.tool_calls)
+        if not tr.lossy:
+            outcome.tool_calls = max(outcome.tool_calls, tr.tool_calls)
         self._exchanges[sid] = outcome.message_count
         for path in tr.files_edited:
             if path not in outcome.files_edited:
@@ -327,8 +402,10 @@ class OpenCodeEngine(Engine):
         return self._exchanges[sid]
 
     async def _quiet_abort(self, key: str, sid: str) -> None:
-        with contextlib.suppress(EngineError):
+        try:
             await self._api().abort(key, sid, timeout=5.0)
+        except EngineError as exc:  # a lost server stops its runs anyway
+            log.debug("OpenCode abort of abandoned run %s failed: %s", sid, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -13,6 +13,7 @@ when the server process died, a :data:`SERVER_LOST` marker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -33,6 +34,14 @@ SERVER_LOST = "server-lost"
 # OpenCode sends ``server.heartbeat`` every 10 s: silence for longer than this means a dead stream.
 READ_TIMEOUT = 35.0
 
+# What one run may have queued and not consumed yet. Past either limit its events are dropped (the
+# single reader never waits for a slow run) and the run is told with a GAP: it then builds its
+# outcome from the session history, like after a reconnect.
+QUEUE_EVENTS = 10_000
+QUEUE_BYTES = 16 * 1024 * 1024
+# One event larger than this is dropped unread (every run is then told with a GAP).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
 
 @dataclass(slots=True)
 class Event:
@@ -40,6 +49,7 @@ class Event:
 
     directory: str | None
     payload: dict[str, Any]
+    size: int = 0  # bytes of the SSE data it came from (what a queue holding it costs)
 
     @property
     def type(self) -> str:
@@ -63,14 +73,20 @@ class SSEParser:
     """Incremental Server-Sent Events parser (bytes in, ``data`` strings out).
 
     Handles CRLF/CR/LF line ends, multi-line ``data:``, comments (heartbeat lines starting with
-    ``:``) and lines of any length (aiohttp's own line reader refuses lines over 128 KiB, and a
-    tool output can be bigger).
+    ``:``) and long lines (aiohttp's own line reader refuses lines over 128 KiB, and a tool output
+    can be bigger). Memory stays bounded: an event over ``max_event`` bytes is dropped unread and
+    counted in :attr:`dropped`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int = MAX_EVENT_BYTES) -> None:
+        self.max_event = max_event
+        self.dropped = 0
         self._buffer = bytearray()
         self._scan = 0  # where to resume looking for a line end (no quadratic rescans)
         self._data: list[str] = []
+        self._size = 0  # characters of data in the current event
+        self._skip_line = False  # inside an oversized line: drop up to its end
+        self._skip_event = False  # inside an oversized event: drop up to its end
 
     def feed(self, chunk: bytes) -> list[str]:
         """Add received bytes; return the data of every event completed by them."""
@@ -82,23 +98,40 @@ class SSEParser:
             if cut is None:
                 break
             end, skip = cut
-            self._line(self._buffer[pos:end].decode("utf-8", errors="replace"), out)
+            if self._skip_line:
+                self._skip_line = False
+            else:
+                self._line(self._buffer[pos:end].decode("utf-8", errors="replace"), out)
             pos = self._scan = end + skip
         del self._buffer[:pos]
         self._scan = max(0, len(self._buffer) - 1)  # a trailing CR may still become CRLF
+        if len(self._buffer) > self.max_event:
+            self._drop_event()
+            self._skip_line = True
+            self._buffer.clear()
+            self._scan = 0
         return out
+
+    def _drop_event(self) -> None:
+        if not self._skip_event:
+            self.dropped += 1
+            log.warning("opencode events: dropped an event over %d MiB", self.max_event // (1024 * 1024))
+        self._data, self._size, self._skip_event = [], 0, True
 
     def _line(self, line: str, out: list[str]) -> None:
         if not line:
-            if self._data:
+            if self._data and not self._skip_event:
                 out.append("\n".join(self._data))
-                self._data = []
+            self._data, self._size, self._skip_event = [], 0, False
             return
-        if line.startswith(":"):
+        if line.startswith(":") or self._skip_event:
             return
         name, _, value = line.partition(":")
         if name == "data":
             self._data.append(value[1:] if value.startswith(" ") else value)
+            self._size += len(value)
+            if self._size > self.max_event:
+                self._drop_event()
         # "event", "id" and "retry" fields carry nothing OpenCode relies on.
 
 
@@ -125,24 +158,63 @@ def parse_global(data: str) -> Event | None:
         return None
     if isinstance(obj.get("payload"), dict):
         directory = obj.get("directory")
-        return Event(directory if isinstance(directory, str) else None, obj["payload"])
-    return Event(None, obj)
+        return Event(directory if isinstance(directory, str) else None, obj["payload"], len(data))
+    return Event(None, obj, len(data))
 
 
 @dataclass(eq=False)
 class Subscription:
-    """The queue of one run: events of its session and of its directory (``file.edited``)."""
+    """The queue of one run: events of its session and of its directory (``file.edited``).
+
+    Bounded (``max_events``, ``max_bytes``) and never blocking: :meth:`put` drops an event that
+    does not fit and queues a :data:`GAP` instead, so the run knows its stream is incomplete.
+    Repeated markers are coalesced.
+    """
 
     session_id: str
     directory: str
-    queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
+    max_events: int = QUEUE_EVENTS
+    max_bytes: int = QUEUE_BYTES
+    dropped: int = 0  # events dropped because the queue was full
+    _items: collections.deque[Item] = field(default_factory=collections.deque, repr=False)
+    _bytes: int = 0
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Item) -> None:
+        """Queue an event or a marker; never blocks."""
+        if isinstance(item, Event):
+            if len(self._items) >= self.max_events or self._bytes + item.size > self.max_bytes:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.warning(
+                        "opencode events: run of session %s is %d events (%d KiB) behind; dropped %d event(s), "
+                        "its outcome will be read from the session history",
+                        self.session_id, len(self._items), self._bytes // 1024, self.dropped,
+                    )  # fmt: skip
+                item = GAP
+            else:
+                self._bytes += item.size
+        if isinstance(item, str) and self._items and self._items[-1] == item:
+            return
+        self._items.append(item)
+        self._ready.set()
 
     async def get(self, timeout: float) -> Item | None:
         """Next item, or ``None`` after ``timeout`` seconds."""
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if not self._items:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        item = self._items.popleft()
+        if isinstance(item, Event):
+            self._bytes -= item.size
+        return item
 
 
 Listener = Callable[[Event], Awaitable[None]]
@@ -183,7 +255,7 @@ class EventHub:
         """Put a marker in every subscriber queue."""
         for subs in self._subs.values():
             for sub in subs:
-                sub.queue.put_nowait(marker)
+                sub.put(marker)
 
     async def start(self, wait: float = 10.0) -> None:
         """Start reading; wait up to ``wait`` seconds for the first connection."""
@@ -243,10 +315,13 @@ class EventHub:
                     chunk = await resp.content.readany()
                 if not chunk:
                     return  # server closed the stream
+                dropped = parser.dropped
                 for data in parser.feed(chunk):
                     event = parse_global(data)
                     if event is not None:
                         await self._dispatch(event)
+                if parser.dropped != dropped:
+                    self.broadcast(GAP)  # whose event it was is unknown: every run reads its history
 
     async def _dispatch(self, event: Event) -> None:
         if event.type == "server.connected":
@@ -264,10 +339,10 @@ class EventHub:
         sid = event.session_id
         if sid is not None:
             for sub in self._subs.get(sid, ()):
-                sub.queue.put_nowait(event)
+                sub.put(event)
         elif event.type == "file.edited" and event.directory:
             # file.edited names no session: it can only be attributed when a single run is in
             # progress in that directory (edit tools' own results name their files anyway).
             runs = [sub for subs in self._subs.values() for sub in subs if sub.directory == event.directory]
             if len(runs) == 1:
-                runs[0].queue.put_nowait(event)
+                runs[0].put(event)

@@ -40,6 +40,9 @@ from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, pre
 log = logging.getLogger(__name__)
 
 _LISTENING = re.compile(r"opencode server listening on (https?://\S+)")
+_ERROR_REF = re.compile(r"err_[A-Za-z0-9]+")
+_LOGGED_ERROR = re.compile(rb'error="((?:[^"\\]|\\.)*)"')
+_LOG_TAIL = 256 * 1024
 MARKER_VAR = "OCBRIDGE_OPENCODE_MARKER"
 SUPPORTED_MAJOR = 1
 TESTED_VERSION = (1, 18)
@@ -76,6 +79,8 @@ class OpenCodeProcess:
         self.password: str = ""
         self.restarts = 0
         self.generation = 0  # incremented by every successful launch
+        #: Whether the last health check (or the launch) got an answer; cleared when it is lost.
+        self.answering = False
         self._marker: EnvMarker | None = None  # new for every launch
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -210,6 +215,7 @@ class OpenCodeProcess:
             await self._terminate()
             raise
         self.generation += 1
+        self.answering = True
         log.info(
             "OpenCode %s listening on %s (pid %s, %.1fs)",
             self.version,
@@ -242,6 +248,28 @@ class OpenCodeProcess:
                 EngineError(f"OpenCode exited with code {code} before listening: {tail} (log: {self.log_path})")
             )
 
+    def explain(self, ref: str) -> str | None:
+        """The cause OpenCode logged for the error reference (``err_...``) of a 500 answer, from
+        the end of its own log (``$XDG_DATA_HOME/opencode/log``); ``None`` when not found."""
+        if self.state_dir is None or not _ERROR_REF.fullmatch(ref):
+            return None
+        needle = f"ref={ref} ".encode()
+        try:
+            logs = sorted((self.state_dir / "data" / "opencode" / "log").glob("*.log"),
+                          key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+            for path in logs[:2]:
+                with open(path, "rb") as file:
+                    file.seek(max(0, path.stat().st_size - _LOG_TAIL))
+                    tail = file.read(_LOG_TAIL)
+                for line in reversed(tail.splitlines()):
+                    if needle in line:
+                        match = _LOGGED_ERROR.search(line)
+                        text = (match.group(1) if match else line).decode("utf-8", errors="replace")
+                        return self._mask(text)[:500]
+        except OSError as exc:
+            log.debug("OpenCode log unreadable: %s", exc)
+        return None
+
     def _mask(self, text: str) -> str:
         return text.replace(self.password, "***") if self.password else text
 
@@ -251,6 +279,7 @@ class OpenCodeProcess:
             self._log.flush()
 
     async def _terminate(self) -> None:
+        self.answering = False
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             kill_group(proc.pid, signal.SIGTERM)
@@ -284,6 +313,7 @@ class OpenCodeProcess:
             reason = await self._watch()
             if self._stopping:
                 return
+            self.answering = False
             log.warning("OpenCode server lost (%s); restarting (log: %s)", reason, self.log_path)
             self._write_log(f"--- server lost: {reason}")
             await self._notify("down")  # first: runs in flight fail now, not after the kill
@@ -313,9 +343,9 @@ class OpenCodeProcess:
                 pass
             try:
                 await self._api.health(timeout=max(1.0, min(5.0, s.health_interval)))
-                failures = 0
+                failures, self.answering = 0, True
             except EngineError as exc:
-                failures += 1
+                failures, self.answering = failures + 1, False
                 log.warning("OpenCode health check failed (%d/%d): %s", failures, s.health_failures, exc)
                 if failures >= s.health_failures:
                     return f"{failures} failed health checks"

@@ -60,6 +60,9 @@ class RunTranslator:
     tool_calls: int = 0
     files_edited: list[str] = field(default_factory=list)
     error: JSON | None = None  # first session.error of the run
+    #: Events may be missing (the stream reconnected or the run's queue overflowed): the outcome
+    #: must then be read from the session history, not from :meth:`outcome`.
+    lossy: bool = False
     saw_user_message: bool = False
     saw_assistant: bool = False
     assistant_infos: dict[str, JSON] = field(default_factory=dict)  # message id -> latest info
@@ -183,7 +186,7 @@ class RunTranslator:
         Saves a ``GET /session/{id}/message`` (the whole history) at the end of every normal run.
         ``message_count`` stays 0: the caller keeps its own count.
         """
-        if self.error is not None or not self.assistant_infos:
+        if self.lossy or self.error is not None or not self.assistant_infos:
             return None
         last = list(self.assistant_infos.values())[-1]
         if last.get("error") or not (last.get("time") or {}).get("completed"):
