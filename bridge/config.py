@@ -75,6 +75,9 @@ class JetStreamSettings(Section):
     max_deliveries: int = Field(default=1000, ge=10)
     #: Delay of a give-back that is not the task's fault, before the task is offered again (s).
     retry_delay: float = Field(default=5.0, gt=0)
+    #: Give-backs of one task before it is answered with an error after all (a broken store or
+    #: an engine that never recovers must not keep a task forever).
+    max_retries: int = Field(default=50, ge=1)
     #: Largest task body accepted (bytes); a larger one gets an ``invalid_task`` error result.
     max_task_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: How long an unconsumed task waits in the stream (seconds).

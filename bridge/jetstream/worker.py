@@ -204,8 +204,10 @@ class Worker:
         runs = (record.attempt or 0) if record else 0
         retries = (record.retries or 0) if record else 0
         died = runs - retries if record is not None and record.state == "running" else 0
-        if died >= self._config.jetstream.max_attempts or self._last_delivery(msg):
-            error = f"task given up after {runs} run(s): its sidecar died while running it ({died} time(s))"
+        settings = self._config.jetstream
+        if died >= settings.max_attempts or retries >= settings.max_retries or self._last_delivery(msg):
+            error = (f"task given up after {runs} run(s): its sidecar died while running it {died} time(s), "
+                     f"it was given back {retries} time(s)")
             await self._finish(msg, task, self._error_result(task.task_id, error, ErrorType.REDELIVERY_EXHAUSTED),
                                TaskRecord(taskID=task.task_id, state="publishing", attempt=runs, retries=retries,
                                           streamSeq=seq), term=True)

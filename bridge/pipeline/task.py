@@ -15,18 +15,13 @@ giving a result (see :func:`retry_for`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-import nats.errors
-import nats.js.errors
-
 from ocbridge.bridge.config import BridgeConfig
-from ocbridge.bridge.engines.base import AgentEvent, Engine, EngineUnavailable, PromptRequest, RunOutcome
+from ocbridge.bridge.engines.base import AgentEvent, Engine, PromptRequest, RunOutcome
 from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
@@ -52,7 +47,8 @@ from ocbridge.client.protocol import (
 )
 
 from .emitter import EventEmitter, Publish
-from .retry import RetryTask
+from .retry import RetryTask, retry_for, unless_unavailable
+from .stopping import LEASE_LOST, Stop, reap, relay
 
 log = logging.getLogger(__name__)
 
@@ -60,59 +56,7 @@ log = logging.getLogger(__name__)
 #: twice ``abort_grace``), and a cancelled step to clean up; then it is left behind.
 _WRAP_UP = 10.0
 
-#: NATS failures that say "the server is not reachable now", not "this task is wrong".
-_NATS_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.NoServersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.ServerError,
-    nats.js.errors.NoStreamResponseError,
-)
-
-_LEASE_LOST = "lease_lost"
 Phase = Literal["lease", "prepare", "prompt", "finish"]
-
-
-def retry_for(exc: BaseException) -> RetryTask | None:
-    """The :class:`RetryTask` a failure calls for, or ``None`` when it is the task's own failure.
-
-    Retried: :class:`EngineUnavailable` (after its ``retry_after``), and NATS being unreachable
-    (a KV or object store call timed out, no responders, connection closed or reconnecting).
-    """
-    if isinstance(exc, RetryTask):
-        return exc
-    if isinstance(exc, EngineUnavailable):
-        retry = RetryTask(f"engine unavailable: {exc.message}", retry_after=exc.retry_after)
-    elif isinstance(exc, _NATS_UNAVAILABLE):
-        retry = RetryTask(f"NATS unavailable: {type(exc).__name__}: {exc}")
-    else:
-        return None
-    retry.__cause__ = exc
-    return retry
-
-
-class _Stop:
-    """Why a task must stop early, first reason wins: ``cancelled``, ``timeout`` or a lost lease."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.reason: str | None = None
-
-    def set(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.event.set()
-
-    def status(self) -> TaskStatus:
-        if self.reason == _LEASE_LOST:
-            raise RetryTask("the session lease was lost (another sidecar may run the session now)")
-        return TaskStatus(self.reason)
 
 
 @dataclass
@@ -236,10 +180,12 @@ class TaskPipeline:
         self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: _Progress
     ) -> TaskStatus:
         """Run the task's steps until they end, the deadline passes, or ``cancel`` is set."""
-        stop = _Stop()
+        stop = Stop()
         timer = asyncio.get_running_loop().call_later(self._timeout(task), stop.set, TaskStatus.TIMEOUT.value)
-        relay = asyncio.create_task(_relay(cancel, stop))
-        body = asyncio.create_task(self._steps(task, stop, emitter, progress), name=f"ocbridge-task-{task.task_id}")
+        relaying = asyncio.create_task(relay(cancel, stop))
+        body = asyncio.create_task(
+            self._steps(task, stop, emitter, progress), name=f"ocbridge-task-{task.task_id}"
+        )
         interrupted = False
         try:
             stopper = asyncio.create_task(stop.event.wait())
@@ -255,7 +201,7 @@ class TaskPipeline:
                 log.info("task %s: %s while in phase %s", task.task_id, stop.reason, progress.phase)
         finally:
             timer.cancel()
-            relay.cancel()
+            relaying.cancel()
             if not body.done():  # interrupted, or this call is cancelled (shutdown)
                 body.cancel()
                 await asyncio.wait({body}, timeout=_WRAP_UP)
@@ -270,16 +216,16 @@ class TaskPipeline:
             return stop.status()
         return body.result()
 
-    async def _steps(self, task: Task, stop: _Stop, emitter: EventEmitter, progress: _Progress) -> TaskStatus:
+    async def _steps(self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress) -> TaskStatus:
         progress.phase = "lease"
         async with self._sessions.lease(
-            task.session.name, owner=f"task {task.task_id}", on_lost=lambda: stop.set(_LEASE_LOST)
+            task.session.name, owner=f"task {task.task_id}", on_lost=lambda: stop.set(LEASE_LOST)
         ):
             progress.phase = "prepare"
             return await self._run_locked(task, stop, emitter, progress)
 
     async def _run_locked(
-        self, task: Task, stop: _Stop, emitter: EventEmitter, progress: _Progress
+        self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress
     ) -> TaskStatus:
         spec = task.workspace
         workspace = progress.workspace = self._flow.open(spec.name)
@@ -313,7 +259,7 @@ class TaskPipeline:
             progress.changes = await self._flow.changes(workspace, baseline)
             # The agent's work is done: NATS being briefly unreachable now costs the patch or the
             # session record's update (logged), not a second run of the prompt.
-            with _unless_unavailable(f"task {task.task_id}: storing the patch"):
+            with unless_unavailable(f"task {task.task_id}: storing the patch"):
                 progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
             state.message_count = outcome.message_count or state.message_count + 1
             state.last_used = iso_now()
@@ -324,7 +270,7 @@ class TaskPipeline:
                     lastCommit=progress.changes.commit,
                 )
             progress.message_count = state.message_count
-            with _unless_unavailable(f"task {task.task_id}: updating the session record"):
+            with unless_unavailable(f"task {task.task_id}: updating the session record"):
                 await self._sessions.put(state)
             return status
 
@@ -346,7 +292,7 @@ class TaskPipeline:
         self,
         request: PromptRequest,
         task: Task,
-        stop: _Stop,
+        stop: Stop,
         emitter: EventEmitter,
         progress: _Progress,
     ) -> TaskStatus:
@@ -377,7 +323,7 @@ class TaskPipeline:
         finally:
             stopper.cancel()
             if not run.done():
-                await _reap(run)
+                await reap(run)
 
     async def _abort(self, request: PromptRequest, run: asyncio.Task[RunOutcome]) -> RunOutcome:
         grace = self._config.abort_grace
@@ -430,31 +376,3 @@ class TaskPipeline:
             changes=changes.changes if changes else None,
             patch=progress.patch,
         )
-
-
-@contextlib.contextmanager
-def _unless_unavailable(what: str) -> Iterator[None]:
-    """Go on when NATS is unreachable (logged once); any other failure still raises."""
-    try:
-        yield
-    except _NATS_UNAVAILABLE as exc:
-        log.warning("%s failed, NATS unavailable: %s: %s", what, type(exc).__name__, exc)
-
-
-async def _relay(cancel: asyncio.Event, stop: _Stop) -> None:
-    await cancel.wait()
-    stop.set(TaskStatus.CANCELLED.value)
-
-
-async def _reap(task: asyncio.Task) -> None:
-    """Cancel ``task`` and wait until it ends. Its own cancellation or failure is expected here;
-    a cancellation of the caller while it waits (a second cancel) is re-raised."""
-    task.cancel()
-    current = asyncio.current_task()
-    cancelling = current.cancelling() if current is not None else 0
-    try:
-        await task
-    except (asyncio.CancelledError, Exception) as exc:
-        if current is not None and current.cancelling() > cancelling:
-            raise
-        log.debug("cancelled %s ended with %r", task.get_name(), exc)

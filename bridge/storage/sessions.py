@@ -67,7 +67,9 @@ class SessionStore:
         """
         previous = await self.get(name) if reuse else None
         existing = None
-        if previous is not None and Path(previous.workspace_path) == path:
+        # Another engine's session id means nothing to this one (the sidecar switched engines).
+        same_engine = previous is not None and previous.engine in (None, engine.name)
+        if previous is not None and same_engine and Path(previous.workspace_path) == path:
             existing = previous.opencode_id or None
         handle = await engine.open_session(path, title or name, existing)
         # Same id means same session, even when an engine reports it as just created (a session
