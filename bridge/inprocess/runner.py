@@ -44,6 +44,7 @@ EventCallback = Callable[[StreamEvent], Awaitable[None]]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY = 30.0  # seconds between runs of a task at most, whatever the retry asks
+_DEFAULT_RETRY_DELAY = 5.0  # seconds before running again when the retry names no delay
 
 
 class LocalRunner:
@@ -139,7 +140,8 @@ class LocalRunner:
                     return pipeline.error_result(
                         task, f"{exc.message} (gave up after {attempt} runs)", exc.error_type
                     )
-                delay = min(exc.retry_after, _MAX_RETRY_DELAY)
+                delay = min(exc.retry_after if exc.retry_after is not None else _DEFAULT_RETRY_DELAY,
+                            _MAX_RETRY_DELAY)
                 log.info("task %s: run %d not completed (%s); again in %.1fs", task.task_id, attempt,
                          exc.message, delay)
                 with contextlib.suppress(TimeoutError):

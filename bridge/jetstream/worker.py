@@ -35,7 +35,8 @@ from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.pipeline.retry import RetryTask
 from ocbridge.bridge.pipeline.runtime import Runtime
 from ocbridge.bridge.redact import Redactor
-from ocbridge.bridge.storage.stores import NatsArtifacts
+from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS, SessionLeases
+from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.kv import get_json
 from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key
 
@@ -48,6 +49,10 @@ from .results import FLUSH_TIMEOUT, Publisher
 from .setup import Buckets, ConsumerSettings
 
 log = logging.getLogger(__name__)
+
+#: Task leases share the leases bucket with session leases; session names cannot contain control
+#: characters, so this prefix never collides with one.
+TASK_LEASE_PREFIX = "\x1ftask:"
 
 #: Seconds between warnings about the same persistent fetch failure.
 _FETCH_WARN_INTERVAL = 30.0
@@ -91,6 +96,10 @@ class Worker:
         self._sub: Any = None
         self.cancels = CancelRegistry()
         self._records = TaskRecords(buckets.tasks, redactor, sidecar_id)
+        self._task_leases = SessionLeases(
+            NatsKeyValue(js, self._naming.leases_bucket, buckets.leases), ttl=LEASE_BUCKET_SETTINGS["ttl"],
+            holder=sidecar_id,
+        )
         self._publisher = Publisher(nc, NatsArtifacts(buckets.files), redactor)
         self._ops = OpsServer(nc, runtime.ops, redactor, self._publisher, limit=config.concurrency)
         self._dead_letters = DeadLetters(js, self._naming.dead_letter, redactor)
@@ -186,23 +195,44 @@ class Worker:
             await self._reject(msg, intake)
             return
         task = intake
+        # One copy of a task is handled at a time, by whichever sidecar holds its task lease: a
+        # copy redelivered while its original still runs (after a NATS restart, which forgets
+        # progress acks) or a second publish of the same taskID waits instead of running it too.
+        lost = asyncio.Event()
+        try:
+            holding = self._task_leases.try_hold(TASK_LEASE_PREFIX + task.task_id, owner=f"task {task.task_id}",
+                                                 on_lost=lost.set)
+            async with holding as lease:
+                if lease is None:
+                    log.info("task %s: another copy is being handled; this one waits", task.task_id)
+                    await self._nak(msg, self._config.jetstream.retry_delay)
+                    return
+                await self._deliver(msg, task, lost)
+        except Exception as exc:  # the lease store (NATS) is unreachable: not the task's fault
+            await self._give_back(msg, task.task_id, f"task lease unavailable: {exc}")
+
+    async def _deliver(self, msg: Msg, task: Task, lost: asyncio.Event) -> None:
+        """Decide what this copy of the task gets (its lease is held): the stored result, an error
+        when it was tried too often, or a run."""
         try:
             record = await self._records.get(task.task_id)
         except Exception as exc:  # KV trouble is not the task's fault: try again later
             await self._give_back(msg, task.task_id, f"task record unreadable: {exc}")
             return
-        if record is not None and record.result is not None and record.state in ("publishing", "done"):
-            await self._republish(msg, task, record)
-            return
         seq = msg.metadata.sequence.stream
-        if record is not None and record.state == "running" and record.stream_seq not in (None, seq):
-            # The same taskID published twice while the first copy runs: wait for its result.
-            log.info("task %s: a copy is already running (message #%s); waiting for its result",
-                     task.task_id, record.stream_seq)
-            await self._nak(msg, self._config.jetstream.retry_delay)
-            return
+        if record is not None and record.result is not None:
+            if record.state == "done" and record.stream_seq == seq:
+                # This very message was answered and only its ack got lost (a NATS restart).
+                log.info("task %s: already answered; acking the redelivered message", task.task_id)
+                with logged_suppress(f"task {task.task_id}: ack", log):
+                    await msg.ack()
+                return
+            if record.state in ("publishing", "done"):
+                await self._republish(msg, task, record)
+                return
         runs = (record.attempt or 0) if record else 0
         retries = (record.retries or 0) if record else 0
+        # A record left "running" while nobody holds the task lease: that run's sidecar died.
         died = runs - retries if record is not None and record.state == "running" else 0
         settings = self._config.jetstream
         if died >= settings.max_attempts or retries >= settings.max_retries or self._last_delivery(msg):
@@ -213,12 +243,15 @@ class Worker:
                                           streamSeq=seq), term=True)
             return
         state = TaskRecord(taskID=task.task_id, state="running", attempt=runs + 1, retries=retries, streamSeq=seq)
-        await self._run(msg, task, state)
+        await self._run(msg, task, state, lost)
 
-    async def _run(self, msg: Msg, task: Task, state: TaskRecord) -> None:
+    async def _run(self, msg: Msg, task: Task, state: TaskRecord, lost: asyncio.Event) -> None:
         task_id, attempt = task.task_id, state.attempt or 1
         cancel = self.cancels.start(task_id)
         keepalive = asyncio.create_task(self._keep_alive(msg, task_id))
+        # Losing the task lease (NATS unreachable for a whole TTL) stops the run: another copy
+        # may start meanwhile, so this one must not publish a result.
+        watch_lease = asyncio.create_task(_set_when(lost, cancel))
         try:
             try:
                 if await get_json(self._buckets.state, cancel_key(task_id)) is not None:
@@ -228,7 +261,7 @@ class Worker:
                 await self._give_back(msg, task_id, f"KV unavailable: {exc}")
                 return
             log.info("task %s: attempt %d in workspace %r", task_id, attempt, task.workspace.name)
-            if cancel.is_set():
+            if cancel.is_set() and not lost.is_set():
                 result = self._error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
             else:
@@ -242,7 +275,11 @@ class Worker:
             raise
         finally:
             keepalive.cancel()
+            watch_lease.cancel()
             self.cancels.finish(task_id)
+        if lost.is_set():
+            await self._give_back(msg, task_id, "its task lease was lost (NATS unreachable)", state=state)
+            return
         state.state, state.result = "publishing", None
         await self._finish(msg, task, result, state)
 
@@ -361,3 +398,8 @@ class Worker:
             return
         with logged_suppress(f"task {rejection.task_id}: ack", log):
             await msg.ack()
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

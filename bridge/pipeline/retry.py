@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 class RetryTask(OcbridgeError):
     """Raised by the pipeline instead of returning a result when the task should run again later
     (the engine is unavailable, a KV or object-store call timed out). The JetStream worker gives
-    the message back with ``nak(delay=retry_after)``; the in-process runner reports an error."""
+    the message back with ``nak(delay=retry_after)`` (``None``: the configured
+    ``jetstream.retry_delay``); the in-process runner runs it again after that delay."""
 
     default_error_type = ErrorType.ENGINE_ERROR
 
-    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -152,8 +152,8 @@ class TaskPipeline:
                     await self._engine.release(progress.workspace.path)
 
         if retry is not None:
-            log.warning("task %s (attempt %d) to be retried in %.0fs: %s",
-                        task.task_id, attempt, retry.retry_after, self._redactor.text(retry.message))
+            log.warning("task %s (attempt %d) to be retried: %s",
+                        task.task_id, attempt, self._redactor.text(retry.message))
             with logged_suppress(f"task {task.task_id}: publishing the last events", log):
                 await emitter.aclose()
             raise retry

@@ -90,8 +90,31 @@ class SessionLeases:
         """Wait for the lease on ``key`` (unbounded: cancel to stop waiting), hold it while the block
         runs, release it at the end. ``on_lost`` is called if the lease is lost meanwhile."""
         lease = await self._acquire(key, owner)
+        async with self._holding(lease, on_lost):
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def try_hold(
+        self, key: str, *, owner: str, on_lost: Callable[[], None] | None = None
+    ) -> AsyncIterator[Lease | None]:
+        """Like :meth:`hold`, but never waits: yields ``None`` when someone else holds ``key``.
+
+        In a store whose keys expire with the lease TTL (the sidecar's lease bucket), an existing
+        key means its holder refreshed it within the TTL: it is alive, or died moments ago.
+        """
+        value = self._value(owner)
+        try:
+            lease = Lease(key, owner, value, await self.store.create(key, value))
+        except RevisionMismatch:
+            yield None
+            return
+        async with self._holding(lease, on_lost):
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, lease: Lease, on_lost: Callable[[], None] | None) -> AsyncIterator[Lease]:
         stopping = asyncio.Event()
-        refresher = asyncio.create_task(self._refresh(lease, stopping, on_lost), name=f"lease-{key}")
+        refresher = asyncio.create_task(self._refresh(lease, stopping, on_lost), name=f"lease-{lease.key}")
         try:
             yield lease
         finally:
@@ -100,11 +123,14 @@ class SessionLeases:
             if not lease.lost.is_set():
                 await self._release(lease)
 
-    async def _acquire(self, key: str, owner: str) -> Lease:
-        value = json.dumps({
+    def _value(self, owner: str) -> bytes:
+        return json.dumps({
             "holder": self.holder, "owner": owner, "ttl": self.ttl, "since": time.time(),
             "token": secrets.token_hex(8),
         }).encode()
+
+    async def _acquire(self, key: str, owner: str) -> Lease:
+        value = self._value(owner)
         seen: tuple[int, float] | None = None  # (revision, when first seen at it)
         delay = 0.02
         while True:

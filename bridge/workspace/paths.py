@@ -79,7 +79,8 @@ def relative_parts(
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise WorkspaceError(f"{what} {_short(name)} is not valid UTF-8 text") from None
-    pure = PurePosixPath(name)
+    # POSIX keeps a leading "//" as a root of its own; it means "/" here.
+    pure = PurePosixPath("/" + name.lstrip("/") if name.startswith("/") else name)
     if ".." in pure.parts:
         raise WorkspaceError(f"{what} {_short(name)} must not contain '..'")
     if pure.is_absolute():
