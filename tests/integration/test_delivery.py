@@ -357,3 +357,32 @@ async def test_a_consumer_that_cannot_be_used_stops_the_sidecar_with_a_clear_mes
     # A push consumer cannot become the pull consumer the sidecars share.
     with pytest.raises(ConsumerMismatch, match="push consumer"):
         await stack.sidecar(Counting())
+
+
+async def test_the_sidecar_works_with_buckets_station_created_first(stack):
+    js = stack.nc.jetstream()
+    naming = stack.naming
+    week = 7 * 24 * 3600
+    for bucket in (naming.sessions_bucket, naming.state_bucket):
+        await js.create_key_value(bucket=bucket, history=1, ttl=week)  # as Station creates them
+    await stack.sidecar(Counting(["ok"]))
+    task = stack.task()
+    results = await stack.results(task["callback"]["resultSubject"])
+    await stack.publish(task)
+    assert (await _next(results)).status == "completed"
+    sessions = await js.key_value(naming.sessions_bucket)
+    assert (await sessions.get(task["session"]["name"])).value
+    # Whoever creates a bucket first, it gets Station's settings.
+    for bucket in (naming.sessions_bucket, naming.state_bucket):
+        status = await (await js.key_value(bucket)).status()
+        assert (status.history, status.ttl) == (1, week)
+    fresh = Stack(stack.url, stack.tmp / "fresh", unique_naming())
+    fresh.nc = stack.nc
+    await fresh.sidecar(Counting())
+    try:
+        for bucket in (fresh.naming.sessions_bucket, fresh.naming.state_bucket):
+            status = await (await js.key_value(bucket)).status()
+            assert (status.history, status.ttl) == (1, week)
+    finally:
+        fresh.nc = None
+        await fresh.close()
