@@ -78,6 +78,10 @@ class JetStreamSettings(Section):
     #: Give-backs of one task before it is answered with an error after all (a broken store or
     #: an engine that never recovers must not keep a task forever).
     max_retries: int = Field(default=50, ge=1)
+    #: Seconds a task or session lease lives without a refresh: how long the work of a sidecar
+    #: that died blocks its task and session. Refreshed every third of it. It is also the leases
+    #: bucket's max_age when a sidecar creates the bucket.
+    lease_ttl: float = Field(default=30.0, ge=2)
     #: Largest task body accepted (bytes); a larger one gets an ``invalid_task`` error result.
     max_task_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: How long an unconsumed task waits in the stream (seconds).

@@ -21,7 +21,6 @@ from ocbridge.bridge.jetstream.setup import (
 )
 from ocbridge.bridge.jetstream.worker import Worker
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
-from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.connection import connect, redact_nats_url
 
@@ -90,7 +89,7 @@ class Sidecar:
                 artifacts=NatsArtifacts(buckets.files),
                 redactor=self.redactor,
                 leases=NatsKeyValue(js, naming.leases_bucket, buckets.leases),
-                lease_ttl=LEASE_BUCKET_SETTINGS["ttl"],
+                lease_ttl=settings.lease_ttl,
                 holder=self.id,
             )
             self.worker = Worker(

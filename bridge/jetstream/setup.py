@@ -17,7 +17,6 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from ocbridge.bridge.config import JetStreamSettings
-from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS
 from ocbridge.client.protocol import STATION_BUCKET_TTL, Naming
 from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
@@ -132,7 +131,12 @@ async def ensure_buckets(js: JetStreamContext, naming: Naming, settings: JetStre
     state = await _kv(js, naming.state_bucket, ttl=STATION_BUCKET_TTL)
     tasks = await _kv(js, naming.tasks_bucket, ttl=settings.task_record_ttl)
     # A lease nobody refreshes disappears with the bucket's max_age, so that is the lease TTL.
-    leases = await _kv(js, naming.leases_bucket, ttl=LEASE_BUCKET_SETTINGS["ttl"])
+    leases = await _kv(js, naming.leases_bucket, ttl=settings.lease_ttl)
+    max_age = (await leases.status()).ttl
+    if max_age and abs(max_age - settings.lease_ttl) > 0.5:
+        log.warning("leases bucket %s keeps keys %.0fs, not the lease TTL %.0fs: a dead sidecar's task "
+                    "waits up to %.0fs (recreate the bucket to change it)",
+                    naming.leases_bucket, max_age, settings.lease_ttl, max_age)
     try:
         files = await js.object_store(naming.object_store)
     except NotFoundError:

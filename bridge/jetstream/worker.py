@@ -35,7 +35,7 @@ from ocbridge.bridge.logs import logged_suppress
 from ocbridge.bridge.pipeline.retry import RetryTask
 from ocbridge.bridge.pipeline.runtime import Runtime
 from ocbridge.bridge.redact import Redactor
-from ocbridge.bridge.storage.leases import LEASE_BUCKET_SETTINGS, SessionLeases
+from ocbridge.bridge.storage.leases import SessionLeases
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.kv import get_json
 from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key
@@ -97,7 +97,7 @@ class Worker:
         self.cancels = CancelRegistry()
         self._records = TaskRecords(buckets.tasks, redactor, sidecar_id)
         self._task_leases = SessionLeases(
-            NatsKeyValue(js, self._naming.leases_bucket, buckets.leases), ttl=LEASE_BUCKET_SETTINGS["ttl"],
+            NatsKeyValue(js, self._naming.leases_bucket, buckets.leases), ttl=config.jetstream.lease_ttl,
             holder=sidecar_id,
         )
         self._publisher = Publisher(nc, NatsArtifacts(buckets.files), redactor)

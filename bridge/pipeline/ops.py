@@ -8,6 +8,7 @@ The same :class:`OpsHandler` answers NATS requests in the sidecar and direct cal
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 from ocbridge.bridge.engines.base import Engine
@@ -55,7 +56,8 @@ class OpsHandler:
                 return await self._open(request)
             path, state = await self._locate(request)
             lease_key = state.session_name if state else f"workspace:{path}"
-            async with self._sessions.lease(lease_key, owner=f"op {request.op}"):
+            # Owners are unique per request: a lease is only ever taken back from the same owner.
+            async with self._sessions.lease(lease_key, owner=f"op {request.op} {uuid.uuid4().hex[:8]}"):
                 if request.op == "close":
                     return await self._close(request, path, state)
                 return await self._git(request, path, state)
@@ -94,7 +96,7 @@ class OpsHandler:
         name = request.session
         if not name:
             raise WorkspaceFailure("open: 'session' is required", ErrorType.INVALID_TASK)
-        async with self._sessions.lease(name, owner="op open"):
+        async with self._sessions.lease(name, owner=f"op open {uuid.uuid4().hex[:8]}"):
             workspace = self._flow.open(request.workspace or name)
             await self._janitor.touch(
                 workspace.path, policy=request.cleanup, scope=request.scope, scope_id=request.scope_id

@@ -88,7 +88,10 @@ class SessionLeases:
         self, key: str, *, owner: str, on_lost: Callable[[], None] | None = None
     ) -> AsyncIterator[Lease]:
         """Wait for the lease on ``key`` (unbounded: cancel to stop waiting), hold it while the block
-        runs, release it at the end. ``on_lost`` is called if the lease is lost meanwhile."""
+        runs, release it at the end. ``on_lost`` is called if the lease is lost meanwhile.
+
+        ``owner`` names the work and must be unique to it: a lease found held under the same
+        owner is an earlier run of that work and is taken back at once."""
         lease = await self._acquire(key, owner)
         async with self._holding(lease, on_lost):
             yield lease
@@ -141,6 +144,16 @@ class SessionLeases:
             current = await self.store.entry(key)
             if current is None:
                 continue  # released (or expired) meanwhile: try again at once
+            if _owner(current[0]) == owner:
+                # Held by an earlier run of the same owner (a task whose sidecar died: only one
+                # copy of a task runs at a time, so that run is gone): take it back at once
+                # instead of waiting out the TTL.
+                try:
+                    revision = await self.store.update(key, value, current[1])
+                except RevisionMismatch:
+                    continue
+                log.info("%s took back the lease on %r from its own earlier run", owner, key)
+                return Lease(key, owner, value, revision)
             now = time.monotonic()
             if seen is None or seen[0] != current[1]:
                 if seen is None:
@@ -216,6 +229,14 @@ class SessionLeases:
             return False
         lease.revision = current[1]
         return True
+
+
+def _owner(value: bytes) -> str | None:
+    try:
+        owner = json.loads(value).get("owner")
+    except (ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 def _describe(value: bytes) -> str:

@@ -156,3 +156,22 @@ async def test_a_refresh_whose_reply_was_lost_keeps_the_lease():
             await store.updated.wait()
         assert not lease.lost.is_set()
     assert await store.entry("s1") is None  # released with the revision it adopted
+
+
+async def test_a_lease_held_by_an_earlier_run_of_the_same_owner_is_taken_back_at_once(store):
+    # The task's earlier run died holding the session lease; its next run must not wait a TTL.
+    await store.create("s1", json.dumps({"owner": "task 7", "holder": "a dead sidecar"}).encode())
+    leases = SessionLeases(store, ttl=3600)
+    async with asyncio.timeout(2), leases.hold("s1", owner="task 7") as lease:
+        assert not lease.lost.is_set()
+        assert json.loads((await store.entry("s1"))[0])["holder"] == leases.holder
+
+
+async def test_try_hold_never_waits_and_reports_a_live_holder(store):
+    first, second = SessionLeases(store, ttl=3600), SessionLeases(store, ttl=3600)
+    async with first.try_hold("t", owner="task 1") as held:
+        assert held is not None
+        async with second.try_hold("t", owner="task 1 copy") as other:
+            assert other is None
+    async with second.try_hold("t", owner="task 1 copy") as after:
+        assert after is not None
