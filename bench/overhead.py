@@ -3,16 +3,22 @@
 Same OpenCode server, same offline model, same one-tool prompts:
   (a) straight to OpenCode's HTTP API: create a session, POST /session/{id}/message (blocks to the end);
   (b) through the bridge: CodingClient.run() -> NATS JetStream -> sidecar -> OpenCode, new session each.
-Both sequential and at concurrency 4. Then tasks in 50 distinct workspaces through the bridge, with the
-sidecar's and OpenCode's RSS before, right after, and after the idle directory instances were disposed.
+Sequentially and at concurrency 4 (``--tasks`` each), then at concurrency 8 (``--throughput-tasks``,
+in four alternating halves: direct, bridge, bridge, direct, so that a drift in the machine's load
+hits both paths alike), with the sidecar's own concurrency at 8. Latency p50/p95 for each mode, and
+throughput (tasks per second of wall time) with its bridge / direct ratio. Then tasks in 50
+distinct workspaces through the bridge, with the sidecar's and OpenCode's RSS before, right after,
+and after the idle directory instances were disposed.
 
-Run: .venv/bin/python bench/overhead.py [--tasks 20] [--workspaces 50]
+Run: .venv/bin/python bench/overhead.py [--tasks 20] [--throughput-tasks 80] [--workspaces 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,6 +58,25 @@ def rss_mib(pid: int) -> float:
     return total / 2**20
 
 
+def cpu_seconds(pid: int | None, tree: bool = True) -> float:
+    """User + system CPU time of a process (and its live descendants with ``tree``), in seconds."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *(root.children(recursive=True) if tree else ())]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -88,17 +113,20 @@ async def via_bridge(client: CodingClient, prompt: str, workspace: str) -> float
     return time.perf_counter() - started
 
 
-async def measure(label: str, fn, n: int, concurrency: int) -> list[float]:
+async def measure(label: str, fn, n: int, concurrency: int) -> tuple[list[float], float]:
+    """Latencies of ``n`` prompts run ``concurrency`` at a time, and the wall time of them all."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> float:
         async with gate:
             return await fn(f"create f{uuid.uuid4().hex[:8]}.txt with content {i}")
 
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
+    started = time.perf_counter()
+    latencies = list(await asyncio.gather(*(one(i) for i in range(n))))
+    return latencies, time.perf_counter() - started
 
 
-def report(rows: list[tuple[str, list[float], list[float]]]) -> None:
+def report(rows: list[tuple[str, list[float], list[float]]], throughput: list[tuple[str, float, float]]) -> None:
     print(f"\n{'mode':14} {'direct p50':>11} {'bridge p50':>11} {'ratio':>6}   {'direct p95':>11} "
           f"{'bridge p95':>11} {'ratio':>6}")
     for label, direct, bridge in rows:
@@ -106,6 +134,9 @@ def report(rows: list[tuple[str, list[float], list[float]]]) -> None:
                               pct(bridge, 0.95))
         print(f"{label:14} {d50 * 1000:9.0f}ms {b50 * 1000:9.0f}ms {b50 / d50:6.2f}   {d95 * 1000:9.0f}ms "
               f"{b95 * 1000:9.0f}ms {b95 / d95:6.2f}")
+    print(f"\n{'throughput':14} {'direct':>11} {'bridge':>11} {'ratio':>6}   (bridge / direct, goal >= 0.95)")
+    for label, direct_tps, bridge_tps in throughput:
+        print(f"{label:14} {direct_tps:9.2f}/s {bridge_tps:9.2f}/s {bridge_tps / direct_tps:6.2f}")
 
 
 class Stack:
@@ -125,7 +156,7 @@ class Stack:
         config = self.tmp / "sidecar.yaml"
         config.write_text(yaml.safe_dump({
             "nats": {"url": self.nats.url}, "workspace_root": str(self.root), "data_dir": str(self.tmp / "sidecar"),
-            "concurrency": 4, "log_level": "INFO",
+            "concurrency": 8, "log_level": "INFO",
             "naming": {"task_subject": f"bench.{self.tmp.name}.task", "stream_name": f"B_{self.tmp.name}",
                        "consumer_name": f"b-{self.tmp.name}", "sessions_bucket": f"s-{self.tmp.name}",
                        "tasks_bucket": f"t-{self.tmp.name}", "state_bucket": f"st-{self.tmp.name}"},
@@ -156,21 +187,54 @@ class Stack:
         await self.opencode.stop()
 
 
-async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int) -> None:
+async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int, throughput_tasks: int) -> None:
     async with Stack(tmp, nats, model_url, 300) as stack:
         direct = Direct(stack.url, stack.opencode.password, stack.root / "bench")
+
+        def bridge(prompt: str):
+            return via_bridge(stack.client, prompt, "bench")
+
         try:
             for _ in range(3):  # warm both paths: directory instance, NATS subjects, sidecar start-up
                 await direct.run("create warm.txt with content w")
-                await via_bridge(stack.client, "create warm.txt with content w", "bench")
-            rows = []
+                await bridge("create warm.txt with content w")
+            rows, throughput = [], []
             for label, conc in (("sequential", 1), ("concurrency 4", 4)):
-                d = await measure(label, direct.run, tasks, conc)
-                b = await measure(label, lambda p: via_bridge(stack.client, p, "bench"), tasks, conc)
+                d, d_wall = await measure(label, direct.run, tasks, conc)
+                b, b_wall = await measure(label, bridge, tasks, conc)
                 rows.append((label, d, b))
-            print(f"OpenCode {stack.opencode.version}, offline model, {tasks} one-tool prompts per mode, "
-                  "same workspace, new session each")
-            report(rows)
+                throughput.append((label, tasks / d_wall, tasks / b_wall))
+            # Concurrency 8: direct, bridge, bridge, direct (a load drift during the run then costs
+            # both paths alike); throughput = all tasks / the summed wall time of each path.
+            # CPU of each process per task, to tell where a throughput gap goes (2 cores: at
+            # concurrency 8 the CPU is the limit, so the bridge's own CPU is what it costs).
+            half = max(throughput_tasks // 2, 1)
+            d, b, d_wall, b_wall = [], [], 0.0, 0.0
+            # (pid, with its descendants): the harness alone, as OpenCode, the sidecar and nats-server
+            # are its children.
+            pids = {"opencode": (stack.opencode.pid, True), "sidecar": (stack.sidecar.pid, True),
+                    "nats-server": (nats.pid, True), "harness (client + model)": (os.getpid(), False)}
+            cpu = {path: dict.fromkeys(pids, 0.0) for path in ("direct", "bridge")}
+            for fn in (direct.run, bridge, bridge, direct.run):
+                path = "bridge" if fn is bridge else "direct"
+                before = {name: cpu_seconds(*proc) for name, proc in pids.items()}
+                lat, wall = await measure("concurrency 8", fn, half, 8)
+                for name, proc in pids.items():
+                    cpu[path][name] += cpu_seconds(*proc) - before[name]
+                if fn is bridge:
+                    b, b_wall = b + lat, b_wall + wall
+                else:
+                    d, d_wall = d + lat, d_wall + wall
+            rows.append(("concurrency 8", d, b))
+            throughput.append(("concurrency 8", len(d) / d_wall, len(b) / b_wall))
+            print(f"OpenCode {stack.opencode.version}, offline model, one-tool prompts, same workspace, new session "
+                  f"each; {tasks} per path sequentially and at concurrency 4, {2 * half} at concurrency 8; "
+                  "sidecar concurrency 8")
+            report(rows, throughput)
+            print("\nCPU per task at concurrency 8 (ms):")
+            for path, n in (("direct", len(d)), ("bridge", len(b))):
+                parts = [f"{name} {seconds / n * 1000:.0f}" for name, seconds in cpu[path].items()]
+                print(f"  {path}: {', '.join(parts)}; total {sum(cpu[path].values()) / n * 1000:.0f}")
         finally:
             await direct.http.close()
 
@@ -191,14 +255,14 @@ async def memory(tmp: Path, nats: EmbeddedNats, model_url: str, workspaces: int,
     return samples, disposed
 
 
-async def main(tasks: int, workspaces: int, dispose_after: float) -> None:
+async def main(tasks: int, throughput_tasks: int, workspaces: int, dispose_after: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ocbridge-bench-"))
     nats = EmbeddedNats(tmp / "nats")
     model = OfflineModelServer()
     await nats.start()
     model_url = await model.start()
     try:
-        await latency(tmp / "latency", nats, model_url, tasks)
+        await latency(tmp / "latency", nats, model_url, tasks, throughput_tasks)
         kept, _ = await memory(tmp / "kept", nats, model_url, workspaces, None)
         freed, disposed = await memory(tmp / "freed", nats, model_url, workspaces, dispose_after)
         print(f"\nmemory (RSS, MiB) while tasks run in {workspaces} distinct workspaces, one after another:")
@@ -211,12 +275,14 @@ async def main(tasks: int, workspaces: int, dispose_after: float) -> None:
     finally:
         await model.stop()
         await nats.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--tasks", type=int, default=20, help="per path, sequentially and at concurrency 4")
+    parser.add_argument("--throughput-tasks", type=int, default=80, help="per path at concurrency 8")
     parser.add_argument("--workspaces", type=int, default=50)
     parser.add_argument("--dispose-after", type=float, default=3.0, help="idle_dispose_seconds for the sidecar")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.workspaces, args.dispose_after))
+    asyncio.run(main(args.tasks, args.throughput_tasks, args.workspaces, args.dispose_after))
