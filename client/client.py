@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
+import weakref
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -96,6 +97,7 @@ class CodingClient:
         self.spill_timeout = spill_timeout
         self.cancel_ttl = cancel_ttl
         self.queue_scan_limit = queue_scan_limit
+        self._handles: weakref.WeakSet[TaskHandle] = weakref.WeakSet()
 
     @classmethod
     async def connect(
@@ -110,8 +112,16 @@ class CodingClient:
 
         ``settings``: the keyword arguments of the constructor."""
         options = url if isinstance(url, NatsOptions) else NatsOptions(url=url, name="ocbridge-client")
-        nc = await connect(options, retry_for=retry_for)
-        return cls(nc, naming, owns_connection=True, **settings)
+        clients: list[CodingClient] = []
+
+        async def on_reconnect() -> None:
+            log.info("nats: reconnected")
+            for client in clients:
+                client.reconnected()
+
+        nc = await connect(options, retry_for=retry_for, reconnected_cb=on_reconnect)
+        clients.append(cls(nc, naming, owns_connection=True, **settings))
+        return clients[0]
 
     async def close(self) -> None:
         if self._owns and not self.nc.is_closed:
@@ -157,11 +167,19 @@ class CodingClient:
         )
 
     def _handle(self, task_id: str, stream_subject: str, result_subject: str, **extra: Any) -> TaskHandle:
-        return TaskHandle(
+        handle = TaskHandle(
             self, task_id, stream_subject, result_subject,
             max_buffered_events=self.max_buffered_events, max_buffered_bytes=self.max_buffered_bytes,
             late_event_grace=self.late_event_grace, presence_interval=self.presence_interval, **extra,
         )
+        self._handles.add(handle)
+        return handle
+
+    def reconnected(self) -> None:
+        """The NATS connection came back: results published meanwhile were lost on core NATS, so
+        every open handle looks its task up (the result is in the task record)."""
+        for handle in list(self._handles):
+            handle.recheck()
 
     async def submit(self, prompt: str | Task, *, events: bool = True, **kwargs: Any) -> TaskHandle:
         """Publish a task and return its handle. Accepts a prompt (and :meth:`build_task` args) or a Task.

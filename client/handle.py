@@ -160,6 +160,7 @@ class TaskHandle:
         self._events_wanted = False
         self._closed = False
         self._watchdog: asyncio.Task | None = None
+        self._rechecking: asyncio.Future | None = None
         self._closing: asyncio.Task | None = None
         self._last_activity = self._loop.time()
         self._warned_overflow = False
@@ -329,6 +330,26 @@ class TaskHandle:
         elif state is TaskState.NOT_FOUND:
             self._fail(TaskNotFound(self.task_id))
 
+    #: Seconds after a reconnect at which the task is looked up: a result published while this
+    #: client was disconnected is lost on core NATS, but its record holds it.
+    RECHECK_AFTER_RECONNECT = (0.5, 2.0, 5.0)
+
+    def recheck(self) -> None:
+        """Look the task up again soon (the client calls this after a NATS reconnect)."""
+        if self._result.done() or self._closed or (self._rechecking and not self._rechecking.done()):
+            return
+        self._rechecking = asyncio.ensure_future(self._recheck_soon())
+
+    async def _recheck_soon(self) -> None:
+        for delay in self.RECHECK_AFTER_RECONNECT:
+            await asyncio.sleep(delay)
+            if self._result.done():
+                return
+            try:
+                self._apply(*await self._lookup())
+            except Exception as exc:
+                log.debug("task %s: check after reconnect failed: %r", self.task_id, exc)
+
     async def _watch_presence(self) -> None:
         assert self._presence_interval
         while not self._result.done():
@@ -423,6 +444,8 @@ class TaskHandle:
             self._grace_timer = None
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
+        if self._rechecking is not None and self._rechecking is not asyncio.current_task():
+            self._rechecking.cancel()
         subs, self._events_sub, self._result_sub = [self._events_sub, self._result_sub], None, None
         for sub in subs:
             if sub is not None:
