@@ -21,15 +21,22 @@ class CancelRegistry:
     cancelled just before this sidecar picks it up starts cancelled.
     """
 
-    def __init__(self, ttl: float = 3600.0) -> None:
+    def __init__(self, ttl: float = 3600.0, *, limit: int = 10_000) -> None:
         self._ttl = ttl
+        self._limit = limit
         self._requested: dict[str, float] = {}
         self._running: dict[str, asyncio.Event] = {}
 
     def request(self, task_id: str) -> bool:
         """Record a cancel; returns True when the task runs here."""
         now = time.monotonic()
-        self._requested = {k: t for k, t in self._requested.items() if now - t < self._ttl}
+        if len(self._requested) >= self._limit:
+            # Anyone may publish cancels: remember at most ``limit``, expired ones and then the
+            # oldest going first.
+            self._requested = {k: t for k, t in self._requested.items() if now - t < self._ttl}
+            while len(self._requested) >= self._limit:
+                del self._requested[next(iter(self._requested))]
+        self._requested.pop(task_id, None)
         self._requested[task_id] = now
         event = self._running.get(task_id)
         if event is not None:
@@ -40,7 +47,8 @@ class CancelRegistry:
     def start(self, task_id: str) -> asyncio.Event:
         """A task starts here: the returned event is set when it is (or already was) cancelled."""
         event = asyncio.Event()
-        if task_id in self._requested:
+        requested = self._requested.get(task_id)
+        if requested is not None and time.monotonic() - requested < self._ttl:
             event.set()
         self._running[task_id] = event
         return event
