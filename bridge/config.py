@@ -50,6 +50,8 @@ ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
     "DATA_DIR": ("data_dir",),
     "LOG_LEVEL": ("log_level",),
     "LOG_FORMAT": ("log_format",),
+    "HTTP_PORT": ("observability", "http_port"),
+    "HTTP_HOST": ("observability", "http_host"),
 }
 
 LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
@@ -134,6 +136,21 @@ class ClaudeCodeConfig(Section):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class ObservabilitySettings(Section):
+    """Health and metrics endpoints, and the fleet heartbeat. Tracing and OTLP export are set by
+    the standard ``OTEL_*`` environment variables (off unless an exporter is named)."""
+
+    #: Port of the HTTP listener serving ``/healthz``, ``/readyz`` and ``/metrics``; off when unset
+    #: (0 picks a free port).
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address the listener binds: loopback unless set explicitly (``0.0.0.0`` in a container).
+    http_host: str = "127.0.0.1"
+    #: Seconds between this sidecar's heartbeats in KV (``ocbridge status`` reads them).
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    #: Seconds a heartbeat lives: a sidecar that stopped beating drops out of the fleet view.
+    heartbeat_ttl: float = Field(default=15.0, ge=1)
+
+
 class BridgeConfig(Section):
     """Everything ``ocbridge serve`` can be told."""
 
@@ -145,6 +162,7 @@ class BridgeConfig(Section):
     opencode_cli: OpenCodeCLIConfig = Field(default_factory=OpenCodeCLIConfig)
     claudecode: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
     git: GitSettings = Field(default_factory=GitSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     #: Which agent runs the prompts.
     engine: Literal["opencode", "opencode-cli", "claudecode"] = "opencode"
     workspace_root: Path = Path("workspaces")
@@ -168,7 +186,9 @@ class BridgeConfig(Section):
     text_flush_interval: float = Field(default=0.1, ge=0)
     #: A :mod:`logging` level name, in any case (``debug`` is ``DEBUG``).
     log_level: LogLevel = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    #: ``json`` (one object per line, with task fields), ``text``, or ``auto``: text on a TTY,
+    #: JSON otherwise.
+    log_format: Literal["auto", "text", "json"] = "auto"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -54,7 +54,7 @@ STORE_BUSY = re.compile(
     r"database (?:table )?is locked|SQLITE_BUSY|SQLITE_LOCKED|LockTimeoutError|SqlError|SQLiteError", re.IGNORECASE
 )
 #: How long a task waits before it is tried again after each kind of unavailability.
-RETRY_SERVER = 3.0
+RETRY_SERVER = 1.0
 RETRY_STORE = 2.0
 
 

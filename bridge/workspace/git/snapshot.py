@@ -2,7 +2,10 @@
 
 Before the prompt every file's size, mtime and mode are recorded, and the content of files up to
 ``file_limit`` bytes is kept (compressed, ``budget`` bytes in total) so that afterwards line counts
-and a unified diff can be made. After the prompt only files whose stat data changed are read again;
+and a unified diff can be made. The content of a file whose stat data (size, mtime, ctime, inode)
+is the same as in the previous snapshot of the same tree is taken from that snapshot instead of
+being read again (:class:`SnapshotCache`): a task in a big workspace reads only what changed since
+the last one. After the prompt only files whose stat data changed are read again;
 a file whose content is unchanged (merely touched) is not reported. Deleted + added files with the
 same content are reported as one rename. Directories named ``.git`` are skipped. Synchronous: call
 through :func:`asyncio.to_thread`.
@@ -14,7 +17,10 @@ import difflib
 import hashlib
 import os
 import stat
+import threading
+import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +39,62 @@ class Entry:
     #: zlib-compressed content, when captured.
     data: bytes | None = None
     digest: bytes | None = None
+    ctime_ns: int = 0
+    ino: int = 0
+
+    def same_file(self, other: Entry) -> bool:
+        """Whether the stat data says ``other`` is this file, unchanged."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.ino, self.mode, self.link) == (
+            other.size, other.mtime_ns, other.ctime_ns, other.ino, other.mode, other.link)
 
 
 @dataclass(slots=True)
 class Snapshot:
     entries: dict[str, Entry] = field(default_factory=dict)
+    #: Wall-clock time the walk started (nanoseconds), for the racy-file rule of the cache.
+    taken_ns: int = 0
+    #: Bytes of compressed content held.
+    size: int = 0
+
+
+#: A file changed less than this long before a snapshot may change again within the same
+#: timestamp tick (file times are coarse): its captured content is not reused by the next snapshot.
+_RACY_NS = 2_000_000_000
+
+
+class SnapshotCache:
+    """The last snapshot of recently used trees, at most ``max_bytes`` of compressed content in
+    all (least recently used first out). Thread-safe: snapshots are taken in worker threads."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, root: Path) -> Snapshot | None:
+        with self._lock:
+            snap = self._snapshots.get(str(root))
+            if snap is not None:
+                self._snapshots.move_to_end(str(root))
+            return snap
+
+    def put(self, root: Path, snap: Snapshot) -> None:
+        with self._lock:
+            old = self._snapshots.pop(str(root), None)
+            if old is not None:
+                self._size -= old.size
+            if snap.size > self.max_bytes:
+                return
+            self._snapshots[str(root)] = snap
+            self._size += snap.size
+            while self._size > self.max_bytes:
+                _, evicted = self._snapshots.popitem(last=False)
+                self._size -= evicted.size
+
+
+#: The process-wide cache :func:`take` uses unless given another.
+default_cache = SnapshotCache()
 
 
 def _walk(root: Path):
@@ -75,19 +132,35 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def take(root: Path, *, file_limit: int, budget: int) -> Snapshot:
-    """Snapshot the tree under ``root``."""
-    snap = Snapshot()
+def _entry(st: os.stat_result, link: str | None) -> Entry:
+    return Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode, link=link,
+                 ctime_ns=st.st_ctime_ns, ino=st.st_ino)
+
+
+def take(root: Path, *, file_limit: int, budget: int, cache: SnapshotCache | None = default_cache) -> Snapshot:
+    """Snapshot the tree under ``root``; content unchanged since ``cache``'s last snapshot of it is reused."""
+    previous = cache.get(root) if cache is not None else None
+    # Reusable: captured content of files that had not changed for a while when it was taken.
+    trusted_before = previous.taken_ns - _RACY_NS if previous is not None else 0
+    snap = Snapshot(taken_ns=time.time_ns())
     kept = 0
     for rel, st, link in _walk(root):
-        entry = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode, link=link)
+        entry = _entry(st, link)
         if link is None and st.st_size <= file_limit and kept + st.st_size <= budget:
-            content = _read(root / rel)
-            if content is not None:
+            old = previous.entries.get(rel) if previous is not None else None
+            if (old is not None and old.data is not None and old.same_file(entry)
+                    and max(old.mtime_ns, old.ctime_ns) < trusted_before):
+                entry.data, entry.digest = old.data, old.digest
+                kept += entry.size
+            elif (content := _read(root / rel)) is not None:
                 entry.data = zlib.compress(content, 1)
                 entry.digest = hashlib.sha1(content).digest()
                 kept += len(content)
+            if entry.data is not None:
+                snap.size += len(entry.data)
         snap.entries[rel] = entry
+    if cache is not None:
+        cache.put(root, snap)
     return snap
 
 
@@ -156,7 +229,7 @@ def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: i
     """Changes between ``before`` and the tree now: ``(changes, unified diff, diff truncated)``."""
     now: dict[str, Entry] = {}
     for rel, st, link in _walk(root):
-        now[rel] = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=st.st_mode, link=link)
+        now[rel] = _entry(st, link)
     changes: dict[str, FileChange] = {}
     patch = _Patch(max_patch_bytes)
     new_content: dict[str, bytes | None] = {}
