@@ -27,6 +27,14 @@ _PATTERNS = [
     re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)[^/\s:@]+(?::[^/\s@]*)?@"),
 ]
 
+#: One scan that finds whether any shape may be present (most strings have none): the patterns
+#: above as alternatives, their leading ``(?i)`` turned into a scoped group.
+_ANY_SHAPE = re.compile("|".join(
+    f"(?i:{p.pattern[4:]})" if p.pattern.startswith("(?i)") else f"(?:{p.pattern})" for p in _PATTERNS
+))
+#: Shorter strings can hold neither a registered secret (6 characters at least) nor a shape.
+_SHORTEST = 6
+
 
 class Redactor:
     """Masks registered secrets and known token shapes. Thread-safe; cheap when nothing matches."""
@@ -104,7 +112,11 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """Redact a string."""
+        if len(value) < _SHORTEST:
+            return value
         regex = self._regex
+        if (regex is None or regex.search(value) is None) and _ANY_SHAPE.search(value) is None:
+            return value
         if regex is not None:
             value = regex.sub(MASK, value)
         for pattern in _PATTERNS:
