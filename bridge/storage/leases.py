@@ -11,6 +11,8 @@ How it works (any :class:`~.stores.KeyValueStore` with the atomic operations):
   (measured on its own monotonic clock) takes the lease over with ``update`` on that revision; only
   one waiter can win. In the sidecar the lease bucket's ``max_age`` is the TTL as well, so NATS
   removes a lease nobody refreshed even when nobody waits for it.
+- **Dead holder**: a lease records its holder's process (:mod:`.liveness`); a holder on the same
+  host and pid namespace whose process is gone (SIGKILL, a crash) is taken over at once.
 - **Lost**: a refresh that finds another revision (taken over, or expired on the server), or no
   successful refresh for ``ttl`` seconds, means another holder may run now: ``on_lost`` is called
   and the holder must stop its work.
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 
 from ocbridge.bridge.logs import logged_suppress
 
+from .liveness import process_identity, provably_dead
 from .stores import KeyValueStore, RevisionMismatch
 
 log = logging.getLogger(__name__)
@@ -109,10 +112,27 @@ class SessionLeases:
         try:
             lease = Lease(key, owner, value, await self.store.create(key, value))
         except RevisionMismatch:
-            yield None
-            return
+            lease = await self._take_from_dead(key, owner, value, await self.store.entry(key))
+            if lease is None:
+                yield None
+                return
         async with self._holding(lease, on_lost):
             yield lease
+
+    async def _take_from_dead(
+        self, key: str, owner: str, value: bytes, current: tuple[bytes, int] | None
+    ) -> Lease | None:
+        """Take ``key`` (``current``: its value and revision) over when its holder's process is
+        provably gone; ``None`` otherwise."""
+        if current is None or not provably_dead(_field(current[0], "process")):
+            return None
+        try:
+            revision = await self.store.update(key, value, current[1])
+        except RevisionMismatch:
+            return None  # changed meanwhile: refreshed, released or taken by another waiter
+        log.warning("%s took over the lease on %r: its holder (%s) is no longer running",
+                    owner, key, _describe(current[0]))
+        return Lease(key, owner, value, revision)
 
     @contextlib.asynccontextmanager
     async def _holding(self, lease: Lease, on_lost: Callable[[], None] | None) -> AsyncIterator[Lease]:
@@ -129,7 +149,7 @@ class SessionLeases:
     def _value(self, owner: str) -> bytes:
         return json.dumps({
             "holder": self.holder, "owner": owner, "ttl": self.ttl, "since": time.time(),
-            "token": secrets.token_hex(8),
+            "token": secrets.token_hex(8), "process": process_identity(),
         }).encode()
 
     async def _acquire(self, key: str, owner: str) -> Lease:
@@ -144,6 +164,8 @@ class SessionLeases:
             current = await self.store.entry(key)
             if current is None:
                 continue  # released (or expired) meanwhile: try again at once
+            if (taken := await self._take_from_dead(key, owner, value, current)) is not None:
+                return taken
             if _owner(current[0]) == owner:
                 # Held by an earlier run of the same owner (a task whose sidecar died: only one
                 # copy of a task runs at a time, so that run is gone): take it back at once
@@ -231,11 +253,15 @@ class SessionLeases:
         return True
 
 
-def _owner(value: bytes) -> str | None:
+def _field(value: bytes, name: str) -> object:
     try:
-        owner = json.loads(value).get("owner")
+        return json.loads(value).get(name)
     except (ValueError, AttributeError):
         return None
+
+
+def _owner(value: bytes) -> str | None:
+    owner = _field(value, "owner")
     return owner if isinstance(owner, str) else None
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 
 from ocbridge.bridge.storage.leases import MemoryKeyValue, SessionLeases
+from ocbridge.bridge.storage.liveness import process_identity, provably_dead
 from ocbridge.bridge.storage.stores import FolderKeyValue, RevisionMismatch
 
 
@@ -175,3 +178,58 @@ async def test_try_hold_never_waits_and_reports_a_live_holder(store):
             assert other is None
     async with second.try_hold("t", owner="task 1 copy") as after:
         assert after is not None
+
+
+def _lease_held_by_a_child(folder) -> subprocess.Popen:
+    """A real process that takes lease ``t`` in a folder store and then sleeps (until killed)."""
+    code = (
+        "import asyncio, sys, time\n"
+        "from ocbridge.bridge.storage.leases import SessionLeases\n"
+        "from pathlib import Path\n"
+        "from ocbridge.bridge.storage.stores import FolderKeyValue\n"
+        "async def main():\n"
+        f"    leases = SessionLeases(FolderKeyValue(Path({str(folder)!r})), ttl=3600)\n"
+        "    async with leases.try_hold('t', owner='task 1') as lease:\n"
+        "        assert lease is not None\n"
+        "        print('held', flush=True)\n"
+        "        await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    return child
+
+
+async def test_a_lease_whose_holder_process_died_is_taken_over_at_once(tmp_path):
+    store = FolderKeyValue(tmp_path / "leases")
+    child = _lease_held_by_a_child(tmp_path / "leases")
+    leases = SessionLeases(store, ttl=3600)  # the TTL alone would block for an hour
+    try:
+        async with leases.try_hold("t", owner="task 1 copy") as lease:
+            assert lease is None  # its holder is alive
+    finally:
+        child.kill()
+        child.wait(10)
+    async with asyncio.timeout(10):
+        async with leases.try_hold("t", owner="task 1 copy") as lease:
+            assert lease is not None
+            assert json.loads((await store.entry("t"))[0])["owner"] == "task 1 copy"
+        # and a waiting holder too
+        child = _lease_held_by_a_child(tmp_path / "leases")
+        child.kill()
+        child.wait(10)
+        async with leases.hold("t", owner="task 2") as lease:
+            assert not lease.lost.is_set()
+
+
+@pytest.mark.parametrize("identity", [
+    None, {}, {"boot": "x", "pidns": "y", "pid": 1, "start": "1"}, {"pid": True},
+])
+def test_a_holder_on_another_host_or_unreadable_is_never_called_dead(identity):
+    assert provably_dead(identity) is False
+
+
+def test_this_process_and_a_reused_pid_are_told_apart():
+    mine = process_identity()
+    assert provably_dead(mine) is False
+    assert provably_dead({**mine, "start": str(int(mine["start"]) - 1)}) is True  # pid reused since
