@@ -6,18 +6,25 @@ Same OpenCode server, same offline model, same one-tool prompts:
 Sequentially and at concurrency 4 (``--tasks`` each), then at concurrency 8 (``--throughput-tasks``,
 in four alternating halves: direct, bridge, bridge, direct, so that a drift in the machine's load
 hits both paths alike), with the sidecar's own concurrency at 8. Latency p50/p95 for each mode, and
-throughput (tasks per second of wall time) with its bridge / direct ratio. Then tasks in 50
-distinct workspaces through the bridge, with the sidecar's and OpenCode's RSS before, right after,
-and after the idle directory instances were disposed.
+throughput (tasks per second of wall time) with its bridge / direct ratio. Then the cost of
+observability: the bridge path on two sidecars side by side, one plain and one with tracing and
+metrics on (OTLP over HTTP to a collector stub run by this harness, spans and metrics every second,
+``/metrics`` scraped every second as Prometheus would), sequentially in alternating chunks; goal:
+p50 with observability on within 1.05x of off. Then tasks in 50 distinct workspaces through the
+bridge, with the sidecar's and OpenCode's RSS before, right after, and after the idle directory
+instances were disposed.
 
-Run: .venv/bin/python bench/overhead.py [--tasks 20] [--throughput-tasks 80] [--workspaces 50]
+Run: .venv/bin/python bench/overhead.py [--tasks 20] [--throughput-tasks 80] [--observed-tasks 40]
+     [--workspaces 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -29,6 +36,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 import yaml
+from aiohttp import web
 
 from ocbridge.bridge.engines.opencode.server import OpenCodeProcess
 from ocbridge.bridge.engines.opencode.settings import OpenCodeSettings
@@ -139,12 +147,64 @@ def report(rows: list[tuple[str, list[float], list[float]]], throughput: list[tu
         print(f"{label:14} {direct_tps:9.2f}/s {bridge_tps:9.2f}/s {bridge_tps / direct_tps:6.2f}")
 
 
-class Stack:
-    """NATS, one OpenCode and one ``ocbridge serve`` subprocess connected to it."""
+class CollectorStub:
+    """An OTLP/HTTP receiver that accepts traces and metrics and counts the requests (no decoding)."""
 
-    def __init__(self, tmp: Path, nats: EmbeddedNats, model_url: str, dispose_after: float) -> None:
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.received = 0
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests[request.path] = self.requests.get(request.path, 0) + 1
+        self.received += len(body)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/v1/traces", self._receive)
+        app.router.add_post("/v1/metrics", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+class Stack:
+    """NATS, one OpenCode and one ``ocbridge serve`` subprocess connected to it (with ``collector``,
+    tracing and metrics on: OTLP to it, and the ``/metrics`` listener on a free port)."""
+
+    def __init__(
+        self, tmp: Path, nats: EmbeddedNats, model_url: str, dispose_after: float, collector: str | None = None
+    ) -> None:
         self.tmp, self.nats, self.model_url, self.dispose_after = tmp, nats, model_url, dispose_after
+        self.collector = collector
         self.root = tmp / "workspaces"
+        self.metrics_url: str | None = None
+
+    def _environment(self) -> dict[str, str]:
+        env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+        if self.collector:
+            env.update({
+                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": self.collector,
+                "OTEL_BSP_SCHEDULE_DELAY": "1000", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                "OCBRIDGE_HTTP_PORT": "0",
+            })
+        return env
+
+    async def _find_metrics_url(self) -> str:
+        async with asyncio.timeout(30):
+            while True:
+                found = re.search(r"(http://127\.0\.0\.1:\d+) \(/healthz", self.log.read_text(errors="replace"))
+                if found:
+                    return found.group(1) + "/metrics"
+                await asyncio.sleep(0.1)
 
     async def __aenter__(self) -> Stack:
         self.opencode = OpenCodeProcess(OpenCodeSettings(
@@ -166,6 +226,7 @@ class Stack:
         self.log = self.tmp / "sidecar.log"
         self.sidecar = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "ocbridge"), "serve", "--config", str(config), stderr=self.log.open("wb"),
+            env=self._environment(),
         )
         naming = Naming(task_subject=f"bench.{self.tmp.name}.task", tasks_bucket=f"t-{self.tmp.name}",
                         stream_name=f"B_{self.tmp.name}",
@@ -173,6 +234,8 @@ class Stack:
         try:
             self.client = await CodingClient.connect(self.nats.url, naming=naming, retry_for=30)
             await via_bridge(self.client, "create warm.txt with content w", "bench")  # waits for the sidecar
+            if self.collector:
+                self.metrics_url = await self._find_metrics_url()
         except BaseException:
             self.sidecar.terminate()
             await self.sidecar.wait()
@@ -239,6 +302,52 @@ async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int, thr
             await direct.http.close()
 
 
+async def scrape(url: str, stop: asyncio.Event) -> int:
+    """Read ``/metrics`` every second until ``stop``, as Prometheus would; returns the scrapes."""
+    scrapes = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while not stop.is_set():
+            async with http.get(url) as response:
+                await response.read()
+                scrapes += response.status == 200
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    return scrapes
+
+
+async def observability_cost(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int) -> None:
+    """The bridge path sequentially on a plain sidecar and on one with tracing and metrics on."""
+    collector = CollectorStub()
+    collector_url = await collector.start()
+    try:
+        async with Stack(tmp / "plain", nats, model_url, 300) as plain, \
+                Stack(tmp / "observed", nats, model_url, 300, collector=collector_url) as observed:
+            assert observed.metrics_url is not None
+            stop = asyncio.Event()
+            scraper = asyncio.create_task(scrape(observed.metrics_url, stop))
+            latencies: dict[str, list[float]] = {"off": [], "on": []}
+            chunk = max(tasks // 4, 1)
+            for _ in range(3):  # warm both
+                await via_bridge(plain.client, "create warm.txt with content w", "bench")
+                await via_bridge(observed.client, "create warm.txt with content w", "bench")
+            for label, stack in (("off", plain), ("on", observed), ("on", observed), ("off", plain)) * 2:
+                lat, _ = await measure(label, lambda p, st=stack: via_bridge(st.client, p, "bench"), chunk, 1)
+                latencies[label] += lat
+            stop.set()
+            scrapes = await scraper
+        off50, on50 = statistics.median(latencies["off"]), statistics.median(latencies["on"])
+        off95, on95 = pct(latencies["off"], 0.95), pct(latencies["on"], 0.95)
+        print(f"\nobservability (bridge path, sequential, {len(latencies['on'])} tasks each, alternating chunks):")
+        print(f"{'':14} {'off p50':>9} {'on p50':>9} {'ratio':>6}   {'off p95':>9} {'on p95':>9} {'ratio':>6}")
+        print(f"{'tracing+metrics':14} {off50 * 1000:7.0f}ms {on50 * 1000:7.0f}ms {on50 / off50:6.2f}   "
+              f"{off95 * 1000:7.0f}ms {on95 * 1000:7.0f}ms {on95 / off95:6.2f}   (goal: p50 ratio <= 1.05)")
+        print(f"  collector received {collector.requests.get('/v1/traces', 0)} trace and "
+              f"{collector.requests.get('/v1/metrics', 0)} metric exports ({collector.received / 1024:.0f} KiB); "
+              f"/metrics scraped {scrapes} times")
+    finally:
+        await collector.stop()
+
+
 async def memory(tmp: Path, nats: EmbeddedNats, model_url: str, workspaces: int, dispose_after: float | None):
     """RSS of the sidecar and of OpenCode every 10 new workspaces, then after the idle dispose."""
     samples = []
@@ -255,7 +364,7 @@ async def memory(tmp: Path, nats: EmbeddedNats, model_url: str, workspaces: int,
     return samples, disposed
 
 
-async def main(tasks: int, throughput_tasks: int, workspaces: int, dispose_after: float) -> None:
+async def main(tasks: int, throughput_tasks: int, observed_tasks: int, workspaces: int, dispose_after: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ocbridge-bench-"))
     nats = EmbeddedNats(tmp / "nats")
     model = OfflineModelServer()
@@ -263,6 +372,8 @@ async def main(tasks: int, throughput_tasks: int, workspaces: int, dispose_after
     model_url = await model.start()
     try:
         await latency(tmp / "latency", nats, model_url, tasks, throughput_tasks)
+        if observed_tasks:
+            await observability_cost(tmp / "observability", nats, model_url, observed_tasks)
         kept, _ = await memory(tmp / "kept", nats, model_url, workspaces, None)
         freed, disposed = await memory(tmp / "freed", nats, model_url, workspaces, dispose_after)
         print(f"\nmemory (RSS, MiB) while tasks run in {workspaces} distinct workspaces, one after another:")
@@ -282,7 +393,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20, help="per path, sequentially and at concurrency 4")
     parser.add_argument("--throughput-tasks", type=int, default=80, help="per path at concurrency 8")
+    parser.add_argument("--observed-tasks", type=int, default=40,
+                        help="per sidecar (observability off / on), sequentially; 0 skips the row")
     parser.add_argument("--workspaces", type=int, default=50)
     parser.add_argument("--dispose-after", type=float, default=3.0, help="idle_dispose_seconds for the sidecar")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.throughput_tasks, args.workspaces, args.dispose_after))
+    asyncio.run(main(args.tasks, args.throughput_tasks, args.observed_tasks, args.workspaces, args.dispose_after))

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
+from ocbridge.bridge.agent_tools.settings import AgentToolsSettings
 from ocbridge.bridge.workspace.git.settings import GitSettings
 from ocbridge.client.connection import NatsOptions
 from ocbridge.client.mappings import deep_merge, set_path
@@ -163,6 +164,8 @@ class BridgeConfig(Section):
     claudecode: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
     git: GitSettings = Field(default_factory=GitSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    #: The agent's own Station tools (``station_kv_get`` ...), served over MCP to every engine.
+    agent_tools: AgentToolsSettings = Field(default_factory=AgentToolsSettings)
     #: Which agent runs the prompts.
     engine: Literal["opencode", "opencode-cli", "claudecode"] = "opencode"
     workspace_root: Path = Path("workspaces")

@@ -11,15 +11,22 @@ import signal
 import socket
 
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
+from ocbridge.bridge.agent_tools import AgentToolsServer
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.jetstream.setup import (
+    Buckets,
     ensure_buckets,
     ensure_consumer,
     ensure_dead_letter_stream,
     ensure_task_stream,
 )
 from ocbridge.bridge.jetstream.worker import Worker
+from ocbridge.bridge.observability import tracing
+from ocbridge.bridge.observability.heartbeat import Heartbeat, HeartbeatSnapshot
+from ocbridge.bridge.observability.http import HealthServer
+from ocbridge.bridge.observability.metrics import NO_METRICS, TaskMetrics, build_metrics
 from ocbridge.bridge.pipeline.runtime import Runtime, build_runtime
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.connection import connect, redact_nats_url
@@ -49,7 +56,14 @@ class Sidecar:
         self._nc: NATS | None = None
         self.worker: Worker | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.heartbeat: Heartbeat | None = None
+        #: The agent's Station tools over MCP (``agent_tools.enabled``), ``None`` when off.
+        self.agent_tools: AgentToolsServer | None = None
         self.runtime: Runtime | None = None
+        self._tracing = False  # this sidecar configured tracing (and shuts it down)
+        self.metrics: TaskMetrics = NO_METRICS
+        #: The health/metrics listener (``observability.http_port``), ``None`` when off.
+        self.http: HealthServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -62,6 +76,9 @@ class Sidecar:
         data_dir = config.data_dir.resolve()
         config.workspace_root.mkdir(parents=True, exist_ok=True)
         try:
+            # Traces from OTEL_* (off unless an exporter is named); flushed by stop().
+            self._tracing = self._tracing or tracing.configure(instance_id=self.id, redactor=self.redactor)
+            await self._start_http()  # first: /healthz answers, /readyz says what is missing
             if not self.nats_url:
                 self._embedded = EmbeddedNats(
                     data_dir / "nats", host=config.embedded_nats.host, port=config.embedded_nats.port
@@ -79,7 +96,8 @@ class Sidecar:
             stream = await ensure_task_stream(js, naming, settings)
             await ensure_dead_letter_stream(js, naming)
             consumer = await ensure_consumer(js, stream, naming, settings)
-            buckets = await ensure_buckets(js, naming, settings)
+            buckets = await ensure_buckets(js, naming, settings, config.observability.heartbeat_ttl)
+            await self._start_agent_tools(js, buckets)
             runtime = self.runtime = build_runtime(
                 config,
                 self.engine,
@@ -91,6 +109,8 @@ class Sidecar:
                 leases=NatsKeyValue(js, naming.leases_bucket, buckets.leases),
                 lease_ttl=settings.lease_ttl,
                 holder=self.id,
+                metrics=self.metrics,
+                agent_tools=self.agent_tools,
             )
             self.worker = Worker(
                 nc=self._nc,
@@ -104,8 +124,10 @@ class Sidecar:
                 sidecar_id=self.id,
                 healthy=self.engine.healthy,
                 rebind=lambda: ensure_consumer(js, stream, naming, settings),
+                metrics=self.metrics,
             )
             await self.worker.start()
+            await self._start_heartbeat(buckets)
             if config.workspace_max_age > 0:
                 self._sweeper = asyncio.create_task(
                     runtime.janitor.sweep_forever(config.workspace_max_age, config.sweep_interval)
@@ -114,6 +136,52 @@ class Sidecar:
             await self.stop(grace=0)
             raise
 
+    async def _start_heartbeat(self, buckets: Buckets) -> None:
+        """Keep this sidecar's entry in the sidecars bucket (``ocbridge status``)."""
+        worker, engine = self.worker, self.engine
+        assert worker is not None and engine is not None and buckets.sidecars is not None
+
+        def snapshot() -> HeartbeatSnapshot:
+            return HeartbeatSnapshot(slots_used=worker.slots_used, running_tasks=worker.cancels.running,
+                                     engine_healthy=engine.healthy(), last_error=worker.last_error)
+
+        obs = self.config.observability
+        version = getattr(engine, "version", None)
+        self.heartbeat = Heartbeat(
+            buckets.sidecars, sidecar_id=self.id, engine=engine.name, concurrency=self.config.concurrency,
+            interval=obs.heartbeat_interval, ttl=obs.heartbeat_ttl, snapshot=snapshot,
+            engine_version=version if isinstance(version, str) else None,
+        )
+        await self.heartbeat.start()
+
+    async def _start_agent_tools(self, js: JetStreamContext, buckets: Buckets) -> None:
+        """The MCP endpoint serving the agent ``station_kv_get`` & co. over the KV buckets."""
+        config = self.config
+        if not config.agent_tools.enabled:
+            return
+        naming = config.naming
+        self.agent_tools = AgentToolsServer(
+            config.agent_tools, redactor=self.redactor, workspace_root=config.workspace_root, git=config.git,
+            state=NatsKeyValue(js, naming.state_bucket, buckets.state),
+            sessions=NatsKeyValue(js, naming.sessions_bucket, buckets.sessions),
+        )
+        await self.agent_tools.start()
+
+    async def _start_http(self) -> None:
+        """Metrics (off unless a port or an exporter is configured) and the health/metrics listener."""
+        obs = self.config.observability
+        self.metrics = build_metrics(self.config, instance=self.id)
+        self.metrics.watch(engine=lambda: self.engine, slots=self.config.concurrency,
+                           running=lambda: self.worker.slots_used if self.worker is not None else 0)
+        if obs.http_port is None:
+            return
+        self.http = HealthServer(obs.http_host, obs.http_port, metrics=self.metrics, checks={
+            "nats": lambda: self._nc is not None and self._nc.is_connected,
+            "consumer": lambda: self.worker is not None and self.worker.consumer_bound,
+            "engine": lambda: self.engine is not None and self.engine.healthy(),
+        })
+        await self.http.start()
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: no new tasks, running ones get ``grace`` seconds, then everything is reaped."""
         if self._sweeper is not None:
@@ -121,14 +189,23 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError), logged_suppress("stopping the sweeper", log):
                 await self._sweeper
             self._sweeper = None
+        if self.heartbeat is not None:
+            await self.heartbeat.stopping()
         if self.worker is not None:
             await self.worker.stop(grace)
             self.worker = None
+        if self.agent_tools is not None:  # after the worker: no run needs its tools any more
+            with logged_suppress("stopping the agent tools", log):
+                await asyncio.wait_for(self.agent_tools.stop(), 10)
+            self.agent_tools = None
+        if self.heartbeat is not None:  # after the drain: the fleet view shows the tasks finishing
+            await self.heartbeat.stop()
+            self.heartbeat = None
         if self._nc is not None:
             with logged_suppress("draining the NATS connection", log):
                 await asyncio.wait_for(self._nc.drain(), 5)
             with logged_suppress("closing the NATS connection", log, level=logging.DEBUG):
-                await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), 5)
             self._nc = None
         if self._host is not None:
             await self._host.aclose()
@@ -136,6 +213,16 @@ class Sidecar:
         if self._embedded is not None:
             await self._embedded.stop()
             self._embedded = None
+        if self.http is not None:  # last: /readyz says 503 while the rest stops
+            with logged_suppress("stopping the health listener", log):
+                await asyncio.wait_for(self.http.stop(), 10)
+            self.http = None
+        metrics, self.metrics = self.metrics, NO_METRICS
+        await metrics.aclose()
+        if self._tracing:  # flush the last spans (blocking exporters: off the event loop)
+            self._tracing = False
+            with logged_suppress("flushing traces", log):
+                await asyncio.wait_for(asyncio.to_thread(tracing.shutdown), 15)
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

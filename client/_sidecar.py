@@ -1,8 +1,9 @@
 """The one seam where the client reaches into the sidecar package.
 
 Only what really runs the sidecar in this process comes through here: ``ocbridge serve``,
-``ocbridge offline-model`` and the in-process backends (``opencode``, ``opencode-cli``,
-``claudecode``). Nothing else in the client imports :mod:`ocbridge.bridge`, so the client alone
+``ocbridge offline-model``, the operator commands that reuse the sidecar's configuration and
+set-up code (``ocbridge init``, ``ocbridge doctor``) and the in-process backends (``opencode``,
+``opencode-cli``, ``claudecode``). Nothing else in the client imports :mod:`ocbridge.bridge`, so the client alone
 needs only nats-py and pydantic; the imports below are lazy and fail with the install hint.
 """
 
@@ -37,6 +38,16 @@ def _load(module: str, purpose: str) -> ModuleType:
 def serve(args: argparse.Namespace) -> int:
     """``ocbridge serve``: run the sidecar in this process until SIGTERM/SIGINT."""
     return _load("ocbridge.bridge.cli", "ocbridge serve").serve(args)
+
+
+def init(args: argparse.Namespace) -> int:
+    """``ocbridge init``: create or check the JetStream objects with the sidecar's own code and config."""
+    return _load("ocbridge.bridge.admin.init", "ocbridge init").main(args)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """``ocbridge doctor``: check what a sidecar needs, one line per check."""
+    return _load("ocbridge.bridge.admin.doctor", "ocbridge doctor").main(args)
 
 
 def offline_model(argv: Sequence[str]) -> int:

@@ -16,7 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ocbridge.client.protocol import (
+    FleetStatus,
     SessionState,
+    SidecarHeartbeat,
     StreamEvent,
     Task,
     TaskRecord,
@@ -28,6 +30,7 @@ from ocbridge.client.protocol import (
 from . import _sidecar
 from .client import CodingClient
 from .connection import NatsOptions
+from .fleet import status_command
 from .handle import TaskNotFound
 from .render import render_attempt, render_event, render_result
 
@@ -109,13 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the JSON Schemas of the protocol messages")
 
+    status = sub.add_parser("status", help="show the sidecars, the queue and dead letters (exit 2: NATS unreachable)")
+    _nats_args(status)
+    status.add_argument("--json", action="store_true", help="print the fleet as one JSON object")
+    status.add_argument("--timeout", type=float, default=10.0, help="give up after this many seconds (default 10)")
+    for name, text in (("init", "create or check the stream, consumer, buckets and object store before any sidecar"),
+                       ("doctor", "check NATS, JetStream objects, binaries, the workspace root and credentials")):
+        admin = sub.add_parser(name, help=text)
+        admin.add_argument("--config", help="the sidecar's YAML config file (env OCBRIDGE_CONFIG), as for serve")
+        admin.add_argument("--nats-url", help="NATS URL (env OCBRIDGE_NATS_URL)")
+        admin.add_argument("--timeout", type=float, default=10.0, help="seconds allowed for each step (default 10)")
+        if name == "doctor":
+            admin.add_argument("--workspace-root", help="folder holding all workspaces (env OCBRIDGE_WORKSPACE_ROOT)")
+            admin.add_argument("--data-dir", help="private state folder (env OCBRIDGE_DATA_DIR)")
+
     mcp = sub.add_parser("mcp", help="serve Station's coding tools over MCP (stdio)")
     mcp.add_argument("--config", help="Station config.yaml (or just its coding: block); env STN_CONFIG")
     return parser
 
 
+def _nats_options(args: argparse.Namespace, name: str) -> NatsOptions:
+    """The NATS options of a client command: ``--nats-url``/``--creds``, and the sidecar's auth
+    variables (``OCBRIDGE_NATS_USER``/``_PASSWORD``/``_TOKEN``), so that a command works where
+    ``serve`` does (a container, compose)."""
+    env = os.environ
+    return NatsOptions(
+        url=args.nats_url, creds_file=args.creds, name=name,
+        user=env.get("OCBRIDGE_NATS_USER") or None, password=env.get("OCBRIDGE_NATS_PASSWORD") or None,
+        token=env.get("OCBRIDGE_NATS_TOKEN") or None,
+    )
+
+
 async def _client(args: argparse.Namespace) -> CodingClient:
-    options = NatsOptions(url=args.nats_url, creds_file=args.creds, name="ocbridge-cli")
+    options = _nats_options(args, "ocbridge-cli")
     naming = naming_from_env(os.environ)
     if args.task_subject:
         naming = naming.model_copy(update={"task_subject": args.task_subject})
@@ -241,8 +270,17 @@ async def _sessions(args: argparse.Namespace) -> int:
         return 0 if deleted else 1
 
 
+async def _status(args: argparse.Namespace) -> int:
+    options = _nats_options(args, "ocbridge-status")
+    naming = naming_from_env(os.environ)
+    if args.task_subject:
+        naming = naming.model_copy(update={"task_subject": args.task_subject})
+    return await status_command(options, naming, as_json=args.json, timeout=args.timeout)
+
+
 def _schema() -> int:
-    models = {m.__name__: m for m in (Task, StreamEvent, TaskResult, SessionState, TaskRecord)}
+    models = {m.__name__: m for m in (Task, StreamEvent, TaskResult, SessionState, TaskRecord, SidecarHeartbeat,
+                                      FleetStatus)}
     schemas = {name: m.model_json_schema(by_alias=True) for name, m in models.items()}
     print(json.dumps(schemas, indent=2))
     return 0
@@ -257,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "serve":
             return _sidecar.serve(args)
+        if args.command == "init":
+            return _sidecar.init(args)
+        if args.command == "doctor":
+            return _sidecar.doctor(args)
     except _sidecar.SidecarUnavailable as exc:
         print(f"ocbridge: {exc}", file=sys.stderr)
         return 2
@@ -266,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ocbridge.client.station.mcp_server import main as mcp_main
 
         return mcp_main(args)
-    handlers = {"run": _run, "submit": _run, "watch": _watch, "cancel": _cancel, "sessions": _sessions}
+    handlers = {"run": _run, "submit": _run, "watch": _watch, "cancel": _cancel, "sessions": _sessions,
+                "status": _status}
     try:
         return asyncio.run(handlers[args.command](args))
     except ConnectionError as exc:

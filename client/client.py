@@ -35,6 +35,7 @@ from ocbridge.client.protocol import (
 )
 from ocbridge.client.protocol.spill import restore as restore_spilled
 
+from . import tracing
 from .connection import NatsOptions, connect
 from .handle import (
     DEFAULT_LATE_EVENT_GRACE,
@@ -191,22 +192,30 @@ class CodingClient:
         await handle._subscribe(events=events)
         await self.nc.flush()
         try:
-            try:
-                ack = await self._publish_task(task)
-            except NoStreamResponseError:
-                # No sidecar ever ran: create the stream so the task waits for one instead of being lost.
-                await ensure_task_stream(self._js, self.naming)
-                ack = await self._publish_task(task)
+            # A ``client.submit`` span whose W3C context travels in the task's headers (tracing.py).
+            with tracing.send_span("client.submit", {
+                "messaging.destination.name": self.naming.task_subject, "ocbridge.task_id": task.task_id,
+                "ocbridge.workspace": task.workspace.name, "ocbridge.session": task.session.name,
+            }) as trace_headers:
+                handle._submit_headers = trace_headers or None
+                try:
+                    ack = await self._publish_task(task, trace_headers)
+                except NoStreamResponseError:
+                    # No sidecar ever ran: create the stream so the task waits for one instead of being lost.
+                    await ensure_task_stream(self._js, self.naming)
+                    ack = await self._publish_task(task, trace_headers)
         except BaseException:
             await handle.close()
             raise
         handle._queued_at = (ack.stream, ack.seq)
         return handle
 
-    async def _publish_task(self, task: Task) -> api.PubAck:
-        # A JetStream publish confirms the task is stored; the message id de-duplicates retries.
+    async def _publish_task(self, task: Task, extra_headers: dict[str, str] | None = None) -> api.PubAck:
+        # A JetStream publish confirms the task is stored (headers included); the message id
+        # de-duplicates retries.
         return await self._js.publish(
-            self.naming.task_subject, task.to_wire(), headers={"Nats-Msg-Id": task.task_id}, timeout=5
+            self.naming.task_subject, task.to_wire(), headers={**(extra_headers or {}), "Nats-Msg-Id": task.task_id},
+            timeout=5,
         )
 
     async def run(self, prompt: str | Task, *, wait: float | None = None, **kwargs: Any) -> TaskResult:
@@ -386,7 +395,10 @@ class CodingClient:
         """
         if isinstance(request, dict):
             request = GitOpRequest.model_validate(request)
-        reply = await self.nc.request(self.naming.ops_subject, request.to_wire(), timeout=timeout)
+        with tracing.send_span("client.op", {"messaging.destination.name": self.naming.ops_subject,
+                                             "ocbridge.op": request.op}) as trace_headers:
+            reply = await self.nc.request(self.naming.ops_subject, request.to_wire(), timeout=timeout,
+                                          headers=trace_headers or None)
         data = json.loads(reply.data)
         if not isinstance(data, dict):
             raise ValueError("the reply is not a JSON object")

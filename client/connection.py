@@ -83,8 +83,9 @@ async def _log_reconnect() -> None:
 async def connect(options: NatsOptions, *, retry_for: float | None = None, **extra: Any) -> NATS:
     """Connect to NATS; a failed *first* connect is retried (for ever when ``retry_for`` is None).
 
-    nats-py only reconnects after a first success, so the first connect gets its own loop with
-    capped exponential backoff.
+    nats-py would retry a first connect by itself for ever (reconnects are unlimited), even on an
+    authorization error, so each attempt is made with reconnects off, in a loop of our own with
+    capped exponential backoff that ``retry_for`` bounds; reconnecting is turned on once connected.
     """
     kwargs = options.connect_kwargs()
     connection: list[NATS] = []
@@ -98,12 +99,15 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
     kwargs.setdefault("disconnected_cb", log_disconnect)
     kwargs.setdefault("reconnected_cb", _log_reconnect)
     kwargs.update(extra)
+    reconnect = kwargs.pop("allow_reconnect", True)
     loop = asyncio.get_running_loop()
     deadline = None if retry_for is None else loop.time() + retry_for
     delay = 0.2
     while True:
         try:
-            nc = await nats.connect(**kwargs)
+            nc = await nats.connect(allow_reconnect=False, **kwargs)
+            # Read by nats-py when the connection is lost, not at connect time.
+            nc.options["allow_reconnect"] = reconnect
             connection.append(nc)
             return nc
         except Exception as exc:

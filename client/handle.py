@@ -52,6 +52,8 @@ from nats.aio.msg import Msg
 
 from ocbridge.client.protocol import OcbridgeError, StreamEvent, TaskRecord, TaskResult, ValidationError
 
+from . import tracing
+
 if TYPE_CHECKING:
     from .client import CodingClient
 
@@ -166,6 +168,10 @@ class TaskHandle:
         self._warned_overflow = False
         self.dropped_events = 0
         self.ignored_events = 0
+        #: W3C headers of this client's ``client.submit`` span, and the sidecar's task span's
+        #: ``traceparent`` from its events or result (see :mod:`.tracing`).
+        self._submit_headers: dict[str, str] | None = None
+        self.traceparent: str | None = None
 
     # ------------------------------------------------------------------------- subscriptions
 
@@ -189,6 +195,9 @@ class TaskHandle:
 
     async def _on_event(self, msg: Msg) -> None:
         self._last_activity = self._loop.time()
+        headers = getattr(msg, "headers", None)  # None: sent without headers (Station, untraced)
+        if headers:
+            self._note_trace(headers)
         try:
             event = StreamEvent.from_wire(msg.data)
         except (ValidationError, ValueError):
@@ -236,10 +245,27 @@ class TaskHandle:
                             self.task_id, self._max_events, self._max_bytes)
         self._wakeup.set()
 
+    def _note_trace(self, headers: dict[str, str]) -> None:
+        parent = headers.get("traceparent")
+        if parent and tracing.trace_id_of(headers):
+            self.traceparent = parent
+
     async def _on_result(self, msg: Msg) -> None:
         self._last_activity = self._loop.time()
         if self._result.done():
             return  # exactly one result counts; a re-published copy changes nothing
+        headers = getattr(msg, "headers", None)
+        if headers:
+            self._note_trace(headers)
+        # Reading the result (and its spilled fields) continues the task's trace: ``client.result``.
+        with tracing.result_span(self.task_id, headers, self._submit_headers) as span:
+            result = await self._read_result(msg)
+            if span is not None and result is not None and span.is_recording():
+                span.set_attribute("ocbridge.status", result.status.value)
+        if result is not None:
+            self._set_result(result)
+
+    async def _read_result(self, msg: Msg) -> TaskResult | None:
         try:
             data = json.loads(msg.data)
             if not isinstance(data, dict):
@@ -248,11 +274,11 @@ class TaskHandle:
             result = TaskResult.model_validate(data)
         except (ValidationError, ValueError) as exc:
             log.warning("task %s: ignoring malformed result (%s)", self.task_id, exc)
-            return
+            return None
         if result.task_id != self.task_id:
             log.warning("task %s: ignoring a result of task %s on its subject", self.task_id, result.task_id)
-            return
-        self._set_result(result)
+            return None
+        return result
 
     def _set_result(self, result: TaskResult, *, from_record: bool = False) -> None:
         if self._result.done():
@@ -367,6 +393,13 @@ class TaskHandle:
     def done(self) -> bool:
         """True once the result has arrived."""
         return self._result.done() and self._result.exception() is None
+
+    @property
+    def trace_id(self) -> str | None:
+        """The id of the task's trace (32 hex digits): the sidecar's, once its events or result
+        named it, else this client's ``client.submit`` span's; ``None`` when neither side traces."""
+        return tracing.trace_id_of({"traceparent": self.traceparent or ""}) or tracing.trace_id_of(
+            self._submit_headers)
 
     @property
     def attempt(self) -> int | None:

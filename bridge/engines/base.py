@@ -25,11 +25,15 @@ class AgentEvent:
 
     ``text`` and ``thinking`` carry *deltas* (the pipeline coalesces them); ``tool_start`` carries
     the tool with ``args``; ``tool_end`` carries ``output`` and ``duration`` in milliseconds.
+    ``started_at``/``ended_at``: when the agent says the tool started and ended (Unix seconds), for
+    the tool's trace span; ``None`` when the engine does not tell.
     """
 
     kind: AgentEventKind
     content: str | None = None
     tool: ToolInfo | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 EventSink = Callable[[AgentEvent], Awaitable[None]]
@@ -43,6 +47,19 @@ class SessionHandle:
     created: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ToolServer:
+    """An MCP server (Streamable HTTP) the agent gets for one run: the sidecar's Station tools
+    (:mod:`ocbridge.bridge.agent_tools`). ``headers`` carry the run's bearer token, a secret:
+    engines pass it to the agent without writing it into the workspace or onto a command line."""
+
+    name: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    #: The tool names it serves (Claude Code must be told to allow them).
+    tools: tuple[str, ...] = ()
+
+
 @dataclass(slots=True)
 class PromptRequest:
     directory: Path
@@ -50,6 +67,8 @@ class PromptRequest:
     prompt: str
     model: ModelRef | None = None
     agent: str | None = None
+    #: Extra tools for this run (``None``: the agent's own tools only).
+    tools: ToolServer | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +113,10 @@ class Engine(abc.ABC):
     """An agent engine. Implementations must be safe to use from many concurrent tasks."""
 
     name: str = "engine"
+    #: Whether the engine keeps one tool (MCP) connection per workspace directory for all the
+    #: sessions in it (OpenCode serve), rather than one per run: runs in a directory then share
+    #: their :class:`ToolServer`.
+    shares_tool_connections: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start whatever the engine needs (a server process, an HTTP session)."""

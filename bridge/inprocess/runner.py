@@ -109,7 +109,7 @@ class LocalRunner:
             raise RuntimeError("LocalRunner is not started")
         return self._runtime
 
-    async def _publish(self, subject: str, data: bytes) -> None:
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         listener = self._listeners.get(subject)
         if listener is not None:
             await listener(StreamEvent.from_wire(data))

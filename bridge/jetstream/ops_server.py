@@ -17,6 +17,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from ocbridge.bridge.logs import logged_suppress
+from ocbridge.bridge.observability import tracing
 from ocbridge.bridge.pipeline.ops import OpsHandler
 from ocbridge.bridge.redact import Redactor
 from ocbridge.client.protocol import ErrorType, GitOpRequest, GitOpResult, describe_validation_error
@@ -70,7 +71,8 @@ class OpsServer:
         else:
             log.info("operation %s on %s", request.op, request.session or request.workspace)
             async with self._slots:
-                result = await self._ops.handle(request)
+                with tracing.remote_parent(msg.headers):  # the caller's span, when it sent one
+                    result = await self._ops.handle(request)
         if not msg.reply:
             return
         with logged_suppress(f"replying to operation {result.op}", log):

@@ -16,7 +16,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from ocbridge.bridge.config import JetStreamSettings
+from ocbridge.bridge.config import JetStreamSettings, ObservabilitySettings
 from ocbridge.client.protocol import STATION_BUCKET_TTL, Naming
 from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
@@ -30,6 +30,8 @@ class Buckets:
     tasks: KeyValue
     leases: KeyValue
     files: ObjectStore
+    #: Sidecar heartbeats (``ocbridge status``); ``max_age`` is the heartbeat TTL.
+    sidecars: KeyValue | None = None
 
 
 async def ensure_task_stream(js: JetStreamContext, naming: Naming, settings: JetStreamSettings) -> str:
@@ -124,7 +126,24 @@ async def _kv(js: JetStreamContext, bucket: str, *, ttl: float | None) -> KeyVal
         return await js.key_value(bucket)
 
 
-async def ensure_buckets(js: JetStreamContext, naming: Naming, settings: JetStreamSettings) -> Buckets:
+def bucket_ttls(
+    naming: Naming, settings: JetStreamSettings, heartbeat_ttl: float = ObservabilitySettings().heartbeat_ttl
+) -> dict[str, float]:
+    """Each KV bucket and the TTL (``max_age``) it is created with, whoever creates it (a sidecar,
+    ``ocbridge init``); the object store gets :data:`STATION_BUCKET_TTL`."""
+    return {
+        naming.sessions_bucket: STATION_BUCKET_TTL,
+        naming.state_bucket: STATION_BUCKET_TTL,
+        naming.tasks_bucket: settings.task_record_ttl,
+        naming.leases_bucket: settings.lease_ttl,
+        naming.sidecars_bucket: heartbeat_ttl,
+    }
+
+
+async def ensure_buckets(
+    js: JetStreamContext, naming: Naming, settings: JetStreamSettings,
+    heartbeat_ttl: float = ObservabilitySettings().heartbeat_ttl,
+) -> Buckets:
     """The KV buckets and object store, bound when they exist (whoever made them), else created
     as Station creates its own: history 1 and a 7-day TTL (the tasks bucket: the record TTL)."""
     sessions = await _kv(js, naming.sessions_bucket, ttl=STATION_BUCKET_TTL)
@@ -146,4 +165,6 @@ async def ensure_buckets(js: JetStreamContext, naming: Naming, settings: JetStre
             )
         except BadRequestError:
             files = await js.object_store(naming.object_store)
-    return Buckets(sessions=sessions, state=state, tasks=tasks, leases=leases, files=files)
+    # A heartbeat nobody rewrites expires with the bucket's max_age: a dead sidecar drops out.
+    sidecars = await _kv(js, naming.sidecars_bucket, ttl=heartbeat_ttl)
+    return Buckets(sessions=sessions, state=state, tasks=tasks, leases=leases, files=files, sidecars=sidecars)

@@ -28,17 +28,19 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from ocbridge.bridge.config import BridgeConfig
-from ocbridge.bridge.logs import logged_suppress
+from ocbridge.bridge.logs import bind_log_fields, log_fields, logged_suppress
+from ocbridge.bridge.observability import tracing
+from ocbridge.bridge.observability.metrics import NO_METRICS, TaskMetrics
 from ocbridge.bridge.pipeline.retry import RetryTask
 from ocbridge.bridge.pipeline.runtime import Runtime
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.leases import SessionLeases
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.kv import get_json
-from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key
+from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key, iso_now
 
 from .cancel import CancelRegistry
 from .deadletter import DeadLetters
@@ -75,6 +77,7 @@ class Worker:
         sidecar_id: str,
         healthy: Callable[[], bool] = lambda: True,
         rebind: Callable[[], Awaitable[ConsumerSettings]] | None = None,
+        metrics: TaskMetrics = NO_METRICS,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -88,6 +91,9 @@ class Worker:
         self._sidecar_id = sidecar_id
         self._healthy = healthy
         self._rebind = rebind
+        self._metrics = metrics
+        #: Whether the durable consumer is bound (cleared while it is missing and re-created): ``/readyz``.
+        self.consumer_bound = False
         self._slots = asyncio.Semaphore(config.concurrency)
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -95,6 +101,7 @@ class Worker:
         self._cancel_sub: Any = None
         self._sub: Any = None
         self.cancels = CancelRegistry()
+        self._last_error: tuple[str, str] | None = None
         self._records = TaskRecords(buckets.tasks, redactor, sidecar_id)
         self._task_leases = SessionLeases(
             NatsKeyValue(js, self._naming.leases_bucket, buckets.leases), ttl=config.jetstream.lease_ttl,
@@ -115,8 +122,22 @@ class Worker:
             self._consumer.ack_wait,
         )
 
+    @property
+    def slots_used(self) -> int:
+        """Deliveries being handled now (each holds one of the ``concurrency`` slots)."""
+        return len(self._handlers)
+
+    @property
+    def last_error(self) -> tuple[str, str] | None:
+        """``(when, what)`` of this worker's latest problem (redacted), for the fleet heartbeat."""
+        return self._last_error
+
+    def _note_error(self, text: str) -> None:
+        self._last_error = (iso_now(), self._redactor.text(text)[:500])
+
     async def _bind(self) -> None:
         self._sub = await self._js.pull_subscribe_bind(durable=self._naming.consumer_name, stream=self._stream)
+        self.consumer_bound = True
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking tasks; let running ones finish within ``grace``, hand the rest back."""
@@ -150,6 +171,7 @@ class Worker:
                 # A broken engine must not pull (and fail) the queue while healthy sidecars idle.
                 if not unhealthy:
                     log.warning("engine unhealthy: not taking tasks until it recovers")
+                    self._note_error("engine unhealthy: not taking tasks until it recovers")
                 unhealthy = True
                 await asyncio.sleep(1.0)
                 continue
@@ -170,9 +192,14 @@ class Worker:
                 now = time.monotonic()
                 if now - warned_at > _FETCH_WARN_INTERVAL:
                     log.warning("fetching tasks failed: %s", exc)
+                    self._note_error(f"fetching tasks failed: {exc}")
                     warned_at = now
-                if isinstance(exc, NotFoundError) and self._rebind is not None:
-                    with logged_suppress("re-creating the consumer", log):
+                if await self._consumer_missing(exc):
+                    self.consumer_bound = False  # until _bind succeeds again
+                if not self.consumer_bound and self._rebind is not None:
+                    # Tried every loop (the stream may be gone too), warned about with the fetch failure.
+                    level = logging.WARNING if warned_at == now else logging.DEBUG
+                    with logged_suppress("re-creating the consumer", log, level=level):
                         self._consumer = await self._rebind()
                         await self._bind()
                 await asyncio.sleep(0.5)
@@ -181,20 +208,46 @@ class Worker:
             self._handlers.add(handler)
             handler.add_done_callback(self._handler_done)
 
+    async def _consumer_missing(self, exc: Exception) -> bool:
+        """Whether a failed fetch means the durable consumer is gone: a pull on a deleted consumer
+        gets no responder (503), not a 404, so ask the server when it is that."""
+        if isinstance(exc, NotFoundError):
+            return True
+        if not isinstance(exc, ServiceUnavailableError):
+            return False
+        try:
+            await self._js.consumer_info(self._stream, self._naming.consumer_name, timeout=2)
+        except NotFoundError:
+            return True
+        except Exception:  # JetStream itself unavailable: nothing to re-create yet
+            return False
+        return False
+
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("task handler crashed: %s", self._redactor.text(repr(task.exception())))
+            self._note_error(f"task handler crashed: {task.exception()!r}")
 
     # ---------------------------------------------------------------------------------- handling
 
     async def _handle(self, msg: Msg) -> None:
+        self._metrics.received(msg.metadata.num_delivered)
         intake = read_task(msg.data, naming=self._naming, max_bytes=self._config.jetstream.max_task_bytes)
         if isinstance(intake, Rejection):
             await self._reject(msg, intake)
             return
         task = intake
+        # The task's log fields, and its trace span: a child of the publisher's span when the
+        # message carries one (W3C headers), else the start of a new trace (Station).
+        with (
+            log_fields(task_id=task.task_id, session=task.session.name, workspace=task.workspace.name),
+            tracing.task_span(task.task_id, engine=self._config.engine, parent=tracing.extract(msg.headers)),
+        ):
+            await self._handle_task(msg, task)
+
+    async def _handle_task(self, msg: Msg, task: Task) -> None:
         # One copy of a task is handled at a time, by whichever sidecar holds its task lease: a
         # copy redelivered while its original still runs (after a NATS restart, which forgets
         # progress acks) or a second publish of the same taskID waits instead of running it too.
@@ -205,7 +258,10 @@ class Worker:
             async with holding as lease:
                 if lease is None:
                     log.info("task %s: another copy is being handled; this one waits", task.task_id)
-                    await self._nak(msg, self._config.jetstream.retry_delay)
+                    # Offered again within a quarter of the lease TTL: when the holder died, its
+                    # lease expires after one TTL and this copy should run soon after.
+                    settings = self._config.jetstream
+                    await self._nak(msg, min(settings.retry_delay, max(settings.lease_ttl / 4, 0.5)))
                     return
                 await self._deliver(msg, task, lost)
         except Exception as exc:  # the lease store (NATS) is unreachable: not the task's fault
@@ -247,6 +303,7 @@ class Worker:
 
     async def _run(self, msg: Msg, task: Task, state: TaskRecord, lost: asyncio.Event) -> None:
         task_id, attempt = task.task_id, state.attempt or 1
+        bind_log_fields(attempt=attempt)
         cancel = self.cancels.start(task_id)
         keepalive = asyncio.create_task(self._keep_alive(msg, task_id))
         # Losing the task lease (NATS unreachable for a whole TTL) stops the run: another copy
@@ -261,6 +318,8 @@ class Worker:
                 await self._give_back(msg, task_id, f"KV unavailable: {exc}")
                 return
             log.info("task %s: attempt %d in workspace %r", task_id, attempt, task.workspace.name)
+            if attempt == 1 and not state.retries:  # publish to first start, not to a retry's start
+                self._metrics.queue_wait(msg.metadata.timestamp)
             if cancel.is_set() and not lost.is_set():
                 result = self._error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
@@ -289,6 +348,7 @@ class Worker:
         """Record the result, then publish it, then ack: a crash at any step leaves a redelivery
         that re-publishes the stored result rather than running the agent again."""
         task_id = task.task_id
+        tracing.describe_task(task, result, attempt=record.attempt)
         try:
             message = await self._publisher.encode(result.to_dict(), object_prefix=f"output/{task_id}/result")
             record.result = TaskResult.from_wire(message)
@@ -296,8 +356,10 @@ class Worker:
             await self._records.put(record)
         except Exception as exc:
             log.error("task %s: cannot store its result (%s); it will run again", task_id, exc)
+            self._note_error(f"task {task_id}: cannot store its result: {exc}")
             await self._nak(msg, self._config.jetstream.retry_delay)
             return
+        self._metrics.finished(result)  # decided and stored: a re-publish of it is not counted again
         if not await self._publish(task, message):
             await self._nak(msg, self._config.jetstream.retry_delay)  # re-published on redelivery
             return
@@ -320,6 +382,7 @@ class Worker:
         the result was stored): publish the same result again, never run the agent twice."""
         assert record.result is not None
         log.info("task %s already has a result (%s); publishing it again", task.task_id, record.state)
+        tracing.add_event("result.republished", {"record.state": record.state})
         if not await self._publish(task, record.result.to_wire()):
             await self._nak(msg, self._config.jetstream.retry_delay)
             return
@@ -332,10 +395,12 @@ class Worker:
 
     async def _publish(self, task: Task, message: bytes) -> bool:
         try:
-            await self._nc.publish(task.callback.result_subject, message)
+            # The task span's trace context travels back with the result (no headers when untraced).
+            await self._nc.publish(task.callback.result_subject, message, headers=tracing.trace_headers())
             await self._nc.flush(timeout=FLUSH_TIMEOUT)
         except Exception as exc:
             log.error("task %s: publishing its result failed (%s); it will be published again", task.task_id, exc)
+            self._note_error(f"task {task.task_id}: publishing its result failed: {exc}")
             return False
         return True
 
@@ -346,7 +411,11 @@ class Worker:
         """Hand the task back without a result: it was not the task's fault, so the run does not
         count against its attempts."""
         delay = self._config.jetstream.retry_delay if delay is None else delay
+        self._metrics.gave_back()
+        tracing.add_event("task.given_back", {"reason": self._redactor.text(reason), "retry_in": delay})
         log.warning("task %s given back (retry in %.0fs): %s", task_id, delay, self._redactor.text(reason))
+        if not requeued:  # a graceful stop's hand-back is no problem
+            self._note_error(f"task {task_id} given back: {reason}")
         if state is not None:
             state.state = "requeued" if requeued else "retrying"
             state.retries = (state.retries or 0) + 1
@@ -384,6 +453,7 @@ class Worker:
     async def _reject(self, msg: Msg, rejection: Rejection) -> None:
         """A task that will not run: an error result where the task may be answered, else a dead letter."""
         if rejection.result_subject is None or rejection.task_id is None:
+            self._metrics.dead_lettered()
             await self._dead_letters.send(msg, rejection.reason)
             return
         log.warning("task %s rejected: %s", rejection.task_id, self._redactor.text(rejection.reason))
@@ -396,6 +466,7 @@ class Worker:
             log.error("task %s: publishing its rejection failed (%s)", rejection.task_id, exc)
             await self._nak(msg, self._config.jetstream.retry_delay)
             return
+        self._metrics.finished(result)
         with logged_suppress(f"task {rejection.task_id}: ack", log):
             await msg.ack()
 

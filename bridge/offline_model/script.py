@@ -11,7 +11,15 @@ The last user prompt is a small script, one command per line (or ``;``-separated
     slow <seconds>                         text streamed slowly for about that long
     fail <status>                          the HTTP request fails with that status
     recall                                 quote every earlier user prompt
+    kv get <key> [in sessions]             Station's station_kv_get tool (MCP); the final text quotes
+    kv set <key> <value> [in sessions]     ...the result; station_kv_set (the value may hold spaces)
+    session info [<name>]                  station_session_info (default: the task's own session)
+    tool <name> <json>                     the offered tool whose name ends with <name>, with those
+                                           raw arguments (for tests of bad arguments)
     anything else                          a plain "OK: ..." answer
+
+The Station tools are found by the end of their name, whatever prefix the client adds to MCP tools
+(OpenCode ``<server>_station_kv_get``, Claude Code ``mcp__<server>__station_kv_get``).
 
 Each tool command is one model turn; the number of tool results since the prompt says which turn is
 next. Other commands attach to the turn of the next tool command, or to the final turn, which also
@@ -21,6 +29,7 @@ summarises what the tools did.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import posixpath
 import re
@@ -30,14 +39,20 @@ from dataclasses import dataclass, field
 from .conversation import Conversation
 from .tools import Action, ToolCall, bind
 
-TOOL_COMMANDS = ("create", "edit", "delete", "run", "read")
-COMMANDS = (*TOOL_COMMANDS, "think", "slow", "fail", "recall")
+TOOL_COMMANDS = ("create", "edit", "delete", "run", "read", "kv_get", "kv_set", "session_info", "tool")
+COMMANDS = ("create", "edit", "delete", "run", "read", "kv", "session", "tool", "think", "slow", "fail", "recall")
 SLOW_TICK = 0.25  # seconds between deltas of a ``slow`` reply
 _SPLIT = re.compile(rf";\s*(?=(?:{'|'.join(COMMANDS)})\b)", re.IGNORECASE)
 _CREATE = re.compile(r"create\s+(\S+)\s+with\s+content(?:\s(.*))?", re.IGNORECASE | re.DOTALL)
 _EDIT = re.compile(r"edit\s+(\S+)\s+replace\s+(.+?)\s+with\s(.*)", re.IGNORECASE | re.DOTALL)
 _FILE_VERBS = {"create": ("Wrote", "Could not write"), "edit": ("Edited", "Could not edit")}
 _ESCAPES = re.compile(r"\\([nt\\])")
+_KV_GET = re.compile(r"kv\s+get\s+(\S+)(?:\s+in\s+(sessions|state))?", re.IGNORECASE)
+_KV_SET = re.compile(r"kv\s+set\s+(\S+)\s(.*?)(?:\s+in\s+(sessions|state))?", re.IGNORECASE | re.DOTALL)
+_SESSION_INFO = re.compile(r"session\s+info(?:\s+(\S+))?", re.IGNORECASE)
+_TOOL = re.compile(r"tool\s+(\S+)\s+(\{.*\})", re.IGNORECASE | re.DOTALL)
+#: The Station tool each command calls (by the end of its name).
+STATION_TOOLS = {"kv_get": "station_kv_get", "kv_set": "station_kv_set", "session_info": "station_session_info"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +114,14 @@ def parse_step(line: str) -> Step:
         return Step("fail", (rest,))
     if word == "recall" and not rest:
         return Step("recall", ())
+    if word == "kv" and (m := _KV_GET.fullmatch(line)):
+        return Step("kv_get", (m.group(1), (m.group(2) or "").lower()))
+    if word == "kv" and (m := _KV_SET.fullmatch(line)):
+        return Step("kv_set", (m.group(1), unescape(m.group(2)), (m.group(3) or "").lower()))
+    if word == "session" and (m := _SESSION_INFO.fullmatch(line)):
+        return Step("session_info", (m.group(1) or "",))
+    if word == "tool" and (m := _TOOL.fullmatch(line)):
+        return Step("tool", (m.group(1), m.group(2)))
     return Step("text", (line,))
 
 
@@ -200,6 +223,22 @@ def plan_action(step: Step, workdir: str | None) -> Action:
         return Action("bash", {"command": step.args[0], "description": f"Run {step.args[0][:40]}"})
     if step.kind == "read":
         return Action("read", {"path": absolute(step.args[0])})
+    if step.kind == "kv_get":
+        key, bucket = step.args
+        return Action(STATION_TOOLS["kv_get"], {"key": key, **({"bucket": bucket} if bucket else {})}, by_suffix=True)
+    if step.kind == "kv_set":
+        key, value, bucket = step.args
+        args = {"key": key, "value": value, **({"bucket": bucket} if bucket else {})}
+        return Action(STATION_TOOLS["kv_set"], args, by_suffix=True)
+    if step.kind == "session_info":
+        return Action(STATION_TOOLS["session_info"], {"sessionName": step.args[0]} if step.args[0] else {},
+                      by_suffix=True)
+    if step.kind == "tool":
+        try:
+            raw = json.loads(step.args[1])
+        except ValueError:
+            raw = {"_unparsed": step.args[1]}
+        return Action(step.args[0], raw if isinstance(raw, dict) else {"_value": raw}, by_suffix=True)
     raise ValueError(f"not a tool step: {step.kind}")
 
 
@@ -219,6 +258,10 @@ def summarize(tool_steps: list[Step], results: list[str]) -> str:
             lines.append(f"Deleted {operand}.")
         elif step.kind == "read":
             lines.append(f"Read {operand}:\n{result}")
+        elif step.kind in STATION_TOOLS or step.kind == "tool":
+            name = STATION_TOOLS.get(step.kind, operand)
+            lines.append(f"Called {name}{f' {operand}' if step.kind in ('kv_get', 'kv_set') else ''}: "
+                         f"{_tail(result)}")
         else:
             lines.append(f"Ran `{operand}`:\n{_tail(result)}")
     return "Done. " + "\n".join(lines)

@@ -29,10 +29,15 @@ _OPTIONAL = frozenset({"description"})
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """What the script wants done: ``kind`` is write, edit, bash or read; ``args`` use abstract names."""
+    """What the script wants done: ``kind`` is write, edit, bash or read; ``args`` use abstract names.
+
+    With ``by_suffix``, ``kind`` is the end of an offered tool's name (MCP tools get a prefix that
+    depends on the client) and ``args`` are its exact arguments.
+    """
 
     kind: str
-    args: dict[str, str]
+    args: dict[str, Any]
+    by_suffix: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,10 @@ class ToolCall:
 
 def bind(action: Action, conv: Conversation, call_id: str) -> ToolCall | None:
     """The call of the offered tool named like ``action.kind``; None if the client lacks that tool."""
+    if action.by_suffix:
+        suffix = action.kind.lower()
+        named = next((t for t in conv.tools if t.name.lower().endswith(suffix)), None)
+        return ToolCall(call_id, named.name, dict(action.args)) if named is not None else None
     spec = conv.tool(action.kind)
     if spec is None:
         return None

@@ -13,8 +13,9 @@ from ocbridge.client.protocol import EventType, StreamEvent, ToolInfo, iso_now
 
 log = logging.getLogger(__name__)
 
-#: ``publish(subject, data)``: NATS for the sidecar, a callback for in-process backends.
-Publish = Callable[[str, bytes], Awaitable[None]]
+#: ``publish(subject, data)``: NATS for the sidecar, a callback for in-process backends. With
+#: trace headers the emitter calls ``publish(subject, data, headers=...)`` (NATS' signature).
+Publish = Callable[..., Awaitable[None]]
 
 _MAX_BUFFER = 4096  # characters of text held back at most before a flush
 
@@ -42,8 +43,11 @@ class EventEmitter:
         *,
         flush_interval: float = 0.1,
         attempt: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """``headers``: NATS headers for every event (the task span's trace context), or none."""
         self._publish_raw = publish
+        self._headers = headers or None
         self._subject = subject
         self._task_id = task_id
         self._redactor = redactor
@@ -145,4 +149,8 @@ class EventEmitter:
             taskID=self._task_id, seq=self._seq, attempt=self._attempt, timestamp=iso_now(), type=type_, **fields
         )
         payload = self._redactor.data(event.to_dict())
-        await self._publish_raw(self._subject, json.dumps(payload, separators=(",", ":")).encode())
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        if self._headers is None:
+            await self._publish_raw(self._subject, data)
+        else:
+            await self._publish_raw(self._subject, data, headers=self._headers)

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from ocbridge.bridge.engines.base import Engine
+from ocbridge.bridge.observability import tracing
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.workspace.git import run_op, status
@@ -51,6 +52,18 @@ class OpsHandler:
         self._redactor = redactor
 
     async def handle(self, request: GitOpRequest) -> GitOpResult:
+        """Run one operation, in a ``workspace.<op>`` trace span (git steps are its children)."""
+        with tracing.span(f"workspace.{request.op}") as span:
+            result = await self._handle(request)
+            if span.is_recording():
+                span.set_attributes({"workspace.op": request.op, "workspace.ok": result.ok,
+                                     "workspace.session": request.session or "",
+                                     "workspace.name": request.workspace or ""})
+                if not result.ok:
+                    tracing.mark_failed(span, str(result.error_type or "failed"))
+            return result
+
+    async def _handle(self, request: GitOpRequest) -> GitOpResult:
         try:
             if request.op == "open":
                 return await self._open(request)

@@ -12,9 +12,11 @@ the in-process runner a folder. Without one, leases only exclude tasks within th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ocbridge.bridge.config import BridgeConfig
 from ocbridge.bridge.engines.base import Engine
+from ocbridge.bridge.observability.metrics import NO_METRICS, TaskMetrics
 from ocbridge.bridge.pipeline.task import TaskPipeline
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.leases import DEFAULT_TTL, SessionLeases
@@ -25,6 +27,9 @@ from ocbridge.bridge.workspace.prepare import WorkspaceFlow
 
 from .emitter import Publish
 from .ops import OpsHandler
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.agent_tools import AgentToolsServer
 
 
 @dataclass
@@ -47,15 +52,18 @@ def build_runtime(
     leases: KeyValueStore | None = None,
     lease_ttl: float = DEFAULT_TTL,
     holder: str | None = None,
+    metrics: TaskMetrics = NO_METRICS,
+    agent_tools: AgentToolsServer | None = None,
 ) -> Runtime:
-    """``holder`` names this process in lease values (the sidecar's id)."""
+    """``holder`` names this process in lease values (the sidecar's id); ``agent_tools`` serves the
+    agent its Station tools."""
     root = config.workspace_root.resolve()
     session_store = SessionStore(sessions, redactor, SessionLeases(leases, ttl=lease_ttl, holder=holder))
     flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor)
     janitor = WorkspaceJanitor(state, root, config.cleanup_policy)
     pipeline = TaskPipeline(
         publish=publish, engine=engine, sessions=session_store, flow=flow, janitor=janitor,
-        config=config, redactor=redactor,
+        config=config, redactor=redactor, metrics=metrics, agent_tools=agent_tools,
     )
     ops = OpsHandler(engine=engine, sessions=session_store, flow=flow, janitor=janitor, redactor=redactor)
     return Runtime(pipeline=pipeline, ops=ops, sessions=session_store, janitor=janitor)

@@ -15,14 +15,17 @@ giving a result (see :func:`retry_for`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ocbridge.bridge.config import BridgeConfig
 from ocbridge.bridge.engines.base import AgentEvent, Engine, PromptRequest, RunOutcome
-from ocbridge.bridge.logs import logged_suppress
+from ocbridge.bridge.logs import log_fields, logged_suppress
+from ocbridge.bridge.observability import tracing
+from ocbridge.bridge.observability.metrics import NO_METRICS, TaskMetrics
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.workspace.git import ChangeSet, RepoState
@@ -49,6 +52,9 @@ from ocbridge.client.protocol import (
 from .emitter import EventEmitter, Publish
 from .retry import RetryTask, retry_for, unless_unavailable
 from .stopping import LEASE_LOST, Stop, reap, relay
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.agent_tools import AgentToolsServer
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +94,18 @@ class TaskPipeline:
         janitor: WorkspaceJanitor,
         config: BridgeConfig,
         redactor: Redactor,
+        metrics: TaskMetrics = NO_METRICS,
+        agent_tools: AgentToolsServer | None = None,
     ) -> None:
         self._publish = publish
+        self._agent_tools = agent_tools
         self._engine = engine
         self._sessions = sessions
         self._flow = flow
         self._janitor = janitor
         self._config = config
         self._redactor = redactor
+        self._metrics = metrics
 
     async def run(self, task: Task, cancel: asyncio.Event, *, attempt: int = 1) -> TaskResult:
         """Run ``task`` to its single result; its events carry ``attempt`` (the delivery).
@@ -104,7 +114,19 @@ class TaskPipeline:
         phase. Raises :class:`RetryTask`, with no result, when the failure is not the task's fault
         (:func:`retry_for`; also a lost session lease): the caller runs it again later, as
         ``attempt + 1``. A cancellation of this call (shutdown) aborts the agent and propagates.
+
+        Runs in the task's trace span (the worker's, else a new one) with the task's log fields.
         """
+        with (
+            log_fields(task_id=task.task_id, session=task.session.name, workspace=task.workspace.name,
+                       attempt=attempt),
+            tracing.task_span(task.task_id, engine=self._config.engine),
+        ):
+            result = await self._run_task(task, cancel, attempt)
+            tracing.describe_task(task, result, attempt=attempt, model=tracing.configured_model(self._config))
+            return result
+
+    async def _run_task(self, task: Task, cancel: asyncio.Event, attempt: int) -> TaskResult:
         started = time.monotonic()
         emitter = EventEmitter(
             self._publish,
@@ -113,6 +135,7 @@ class TaskPipeline:
             self._redactor,
             flush_interval=self._config.text_flush_interval,
             attempt=attempt,
+            headers=tracing.trace_headers(),
         )
         progress = _Progress()
         status, error = TaskStatus.COMPLETED, None
@@ -218,9 +241,11 @@ class TaskPipeline:
 
     async def _steps(self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress) -> TaskStatus:
         progress.phase = "lease"
-        async with self._sessions.lease(
-            task.session.name, owner=f"task {task.task_id}", on_lost=lambda: stop.set(LEASE_LOST)
-        ):
+        async with contextlib.AsyncExitStack() as held:
+            with tracing.span("session.lease"):  # the wait for the session's lease
+                await held.enter_async_context(self._sessions.lease(
+                    task.session.name, owner=f"task {task.task_id}", on_lost=lambda: stop.set(LEASE_LOST)
+                ))
             progress.phase = "prepare"
             return await self._run_locked(task, stop, emitter, progress)
 
@@ -228,18 +253,24 @@ class TaskPipeline:
         self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress
     ) -> TaskStatus:
         spec = task.workspace
-        workspace = progress.workspace = self._flow.open(spec.name)
-        await emitter.emit(
-            EventType.WORKSPACE_CREATED if workspace.created else EventType.WORKSPACE_REUSED,
-            content=str(workspace.path),
-        )
-        await self._janitor.touch(workspace.path, policy=spec.cleanup, scope=spec.scope, scope_id=spec.scope_id)
-        with self._janitor.using(workspace.path):
-            if spec.git is not None:
-                progress.repo = await self._flow.clone_or_pull(workspace, spec.git, emitter.emit)
-            if task.files:
-                await self._flow.place_inputs(task.task_id, workspace, task.files)
-            baseline = await self._flow.baseline(workspace)
+        with contextlib.ExitStack() as using:
+            with tracing.span("workspace.prepare") as preparing:
+                workspace = progress.workspace = self._flow.open(spec.name)
+                if preparing.is_recording():
+                    preparing.set_attributes({"workspace.name": spec.name, "workspace.path": str(workspace.path),
+                                              "workspace.created": workspace.created, "workspace.git": bool(spec.git)})
+                await emitter.emit(
+                    EventType.WORKSPACE_CREATED if workspace.created else EventType.WORKSPACE_REUSED,
+                    content=str(workspace.path),
+                )
+                await self._janitor.touch(workspace.path, policy=spec.cleanup, scope=spec.scope,
+                                          scope_id=spec.scope_id)
+                using.enter_context(self._janitor.using(workspace.path))
+                if spec.git is not None:
+                    progress.repo = await self._flow.clone_or_pull(workspace, spec.git, emitter.emit)
+                if task.files:
+                    await self._flow.place_inputs(task.task_id, workspace, task.files)
+                baseline = await self._flow.baseline(workspace)
 
             state = await self._open_session(task, workspace, emitter, progress)
             if stop.event.is_set():
@@ -250,17 +281,25 @@ class TaskPipeline:
                 directory=workspace.path, session_id=state.opencode_id, prompt=task.prompt,
                 model=task.model, agent=task.agent,
             )
-            status = await self._prompt(request, task, stop, emitter, progress)
+            # The agent's Station tools (MCP), with a token that dies with the run.
+            grant = self._agent_tools.for_task(task, workspace.path, self._engine) if self._agent_tools else None
+            async with grant or contextlib.nullcontext() as tools:
+                request.tools = tools
+                status = await self._prompt(request, task, stop, emitter, progress)
             progress.phase = "finish"
 
             outcome = progress.outcome
             if outcome.session_id:  # a CLI engine created the session during the run
                 state.opencode_id = progress.session_id = outcome.session_id
-            progress.changes = await self._flow.changes(workspace, baseline)
-            # The agent's work is done: NATS being briefly unreachable now costs the patch or the
-            # session record's update (logged), not a second run of the prompt.
-            with unless_unavailable(f"task {task.task_id}: storing the patch"):
-                progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
+            with tracing.span("workspace.changes") as collecting:
+                progress.changes = await self._flow.changes(workspace, baseline)
+                # The agent's work is done: NATS being briefly unreachable now costs the patch or the
+                # session record's update (logged), not a second run of the prompt.
+                with unless_unavailable(f"task {task.task_id}: storing the patch"):
+                    progress.patch = await self._flow.store_patch(task.task_id, progress.changes)
+                if collecting.is_recording():
+                    collecting.set_attributes({"workspace.changed_files": len(progress.changes.changes or []),
+                                               "workspace.patch": progress.patch is not None})
             state.message_count = outcome.message_count or state.message_count + 1
             state.last_used = iso_now()
             if progress.repo is not None or progress.changes.git:
@@ -277,10 +316,14 @@ class TaskPipeline:
     async def _open_session(
         self, task: Task, workspace: Workspace, emitter: EventEmitter, progress: _Progress
     ) -> SessionState:
-        state, reused = await self._sessions.open_or_continue(
-            self._engine, name=task.session.name, workspace_name=task.workspace.name, path=workspace.path,
-            reuse=task.session.reuse,
-        )
+        with tracing.span("session.resolve") as resolving:
+            state, reused = await self._sessions.open_or_continue(
+                self._engine, name=task.session.name, workspace_name=task.workspace.name, path=workspace.path,
+                reuse=task.session.reuse,
+            )
+            if resolving.is_recording():
+                resolving.set_attributes({"session.name": task.session.name, "session.reused": reused,
+                                          "session.id": state.opencode_id or ""})
         progress.session_id = state.opencode_id
         await emitter.emit(
             EventType.SESSION_REUSED if reused else EventType.SESSION_CREATED,
@@ -297,6 +340,7 @@ class TaskPipeline:
         progress: _Progress,
     ) -> TaskStatus:
         """Run the prompt until it ends or the task must stop (then the agent is aborted)."""
+        tools = tracing.ToolSpans.for_current_task()  # None unless traced
 
         async def on_event(event: AgentEvent) -> None:
             if event.kind == "text":
@@ -304,26 +348,40 @@ class TaskPipeline:
             elif event.kind == "thinking":
                 await emitter.delta(EventType.THINKING, event.content or "")
             elif event.kind == "tool_start" and event.tool is not None:
+                if tools is not None:
+                    tools.start(event.tool.call_id, event.tool.name, event.started_at)
                 await emitter.tool(EventType.TOOL_START, event.tool)
             elif event.kind == "tool_end" and event.tool is not None:
+                if tools is not None:
+                    tools.end(event.tool.call_id, event.tool.name, started_at=event.started_at,
+                              ended_at=event.ended_at, duration_ms=event.tool.duration, error=event.tool.error)
                 await emitter.tool(EventType.TOOL_END, event.tool)
 
         if stop.event.is_set():
             return stop.status()
-        run = asyncio.create_task(self._engine.run(request, on_event))
-        stopper = asyncio.create_task(stop.event.wait())
-        try:
-            await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if run.done():
-                progress.outcome = run.result()
-                return TaskStatus.COMPLETED
-            log.info("task %s: %s, aborting the agent", task.task_id, stop.reason)
-            progress.outcome = await self._abort(request, run)
-            return stop.status()
-        finally:
-            stopper.cancel()
-            if not run.done():
-                await reap(run)
+        with tracing.span(f"{tracing.task_prefix()}.prompt") as prompting:
+            if prompting.is_recording():
+                model = request.model or tracing.configured_model(self._config)
+                prompting.set_attributes({"session.id": request.session_id, "prompt.agent": request.agent or "",
+                                          "prompt.model": str(model or "")})
+            run = asyncio.create_task(self._engine.run(request, self._metrics.first_event(on_event)))
+            stopper = asyncio.create_task(stop.event.wait())
+            try:
+                await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if run.done():
+                    progress.outcome = run.result()
+                    return TaskStatus.COMPLETED
+                log.info("task %s: %s, aborting the agent", task.task_id, stop.reason)
+                if prompting.is_recording():
+                    prompting.add_event("abort", {"reason": str(stop.reason)})
+                progress.outcome = await self._abort(request, run)
+                return stop.status()
+            finally:
+                stopper.cancel()
+                if not run.done():
+                    await reap(run)
+                if tools is not None:
+                    tools.close()
 
     async def _abort(self, request: PromptRequest, run: asyncio.Task[RunOutcome]) -> RunOutcome:
         grace = self._config.abort_grace

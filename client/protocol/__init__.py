@@ -14,6 +14,7 @@ from .base import WireModel, describe_validation_error, iso_now
 from .body import BodyError, read_json_object
 from .errors import ErrorType, OcbridgeError, error_type_of
 from .events import EventGit, EventSession, EventType, StreamEvent, ToolInfo
+from .fleet import DeadLetterStatus, FleetSidecar, FleetStatus, QueueStatus, SidecarHeartbeat, WaitingTask
 from .keys import cancel_key, kv_key, kv_name, record_key
 from .naming import STATION_BUCKET_TTL, CallbackScope, Naming, naming_from_env
 from .ops import GitOpRequest, GitOpResult, OpName
@@ -39,11 +40,14 @@ __all__ = [
     "CallbackScope",
     "CancelRequest",
     "CleanupPolicy",
+    "DeadLetterStatus",
     "ErrorType",
     "EventGit",
     "EventSession",
     "EventType",
     "FileChange",
+    "FleetSidecar",
+    "FleetStatus",
     "GitOpRequest",
     "GitOpResult",
     "GitSpec",
@@ -51,6 +55,7 @@ __all__ = [
     "Naming",
     "OcbridgeError",
     "OpName",
+    "QueueStatus",
     "ResultGit",
     "ResultMetrics",
     "ResultSession",
@@ -59,6 +64,7 @@ __all__ = [
     "SessionGit",
     "SessionSpec",
     "SessionState",
+    "SidecarHeartbeat",
     "SpillError",
     "StreamEvent",
     "Task",
@@ -68,6 +74,7 @@ __all__ = [
     "TaskStatus",
     "ToolInfo",
     "ValidationError",
+    "WaitingTask",
     "WireModel",
     "WorkspaceSpec",
     "callback_problem",

@@ -37,6 +37,8 @@ class Naming(BaseModel):
     tasks_bucket: str = "ocbridge-tasks"
     #: Addition: session leases (one task per session across sidecars); ``max_age`` = the lease TTL.
     leases_bucket: str = "ocbridge-leases"
+    #: Addition: one heartbeat per running sidecar (``ocbridge status``); ``max_age`` = the heartbeat TTL.
+    sidecars_bucket: str = "ocbridge-sidecars"
     stream_name: str = "OCBRIDGE_TASKS"
     dead_letter_stream: str = "OCBRIDGE_DEADLETTER"
     consumer_name: str = "ocbridge-workers"

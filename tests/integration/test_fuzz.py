@@ -28,6 +28,7 @@ import base64
 import json
 import logging
 import os
+import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,8 +403,10 @@ def traffic_problems(fz: Fuzz, case: Case, window: list[tuple[str, bytes, dict[s
     ids = own_ids(case, n)
     own = {n.stream_subject(i) for i in ids} | {n.result_subject(i) for i in ids}
     named = named_subjects(case) - own
-    buckets = {n.sessions_bucket, n.state_bucket, n.tasks_bucket, n.leases_bucket}
+    buckets = {n.sessions_bucket, n.state_bucket, n.tasks_bucket, n.leases_bucket, n.sidecars_bucket}
     allowed_keys = {
+        # The sidecar's own heartbeat (``ocbridge status``), whatever the task.
+        n.sidecars_bucket: {kv_key(fz.sidecar.id)},
         n.tasks_bucket: {record_key(i) for i in ids},
         n.sessions_bucket: session_keys(case),
         # Session leases, and the task lease each copy of a task takes while it is handled.
@@ -530,6 +533,7 @@ def test_the_traffic_check_flags_what_a_task_may_not_cause():
     fz = Fuzz.__new__(Fuzz)
     fz.naming = naming
     fz.root = root = Path("/nonexistent/workspaces")
+    fz.sidecar = types.SimpleNamespace(id="sidecar-1")
     body = {"taskID": "t1", "session": {"name": "s1"},
             "callback": {"streamSubject": naming.stream_subject("t1"), "resultSubject": "_INBOX.fuzz"}}
     case = Case(json.dumps(body).encode(), body, clean=False, stage=[], task_id="t1")
@@ -545,6 +549,7 @@ def test_the_traffic_check_flags_what_a_task_may_not_cause():
         (f"$KV.{naming.leases_bucket}.s1", b"", {}),
         (f"$KV.{naming.state_bucket}.{kv_key(WORKSPACE_RECORD + str(root / 'ws'))}", b"", {}),
         (f"$O.{naming.object_store}.M.{meta}", b"", {}), (naming.dead_letter, b"", {"Ocbridge-Reason": "x"}),
+        (f"$KV.{naming.sidecars_bucket}.sidecar-1", b"", {}),  # its heartbeat
     ]
     assert traffic_problems(fz, case, legit) == []
     planted = [
@@ -554,6 +559,7 @@ def test_the_traffic_check_flags_what_a_task_may_not_cause():
         (naming.result_subject(other), b"", {}), (naming.stream_subject(other), b"", {}),
         (f"$KV.{naming.sessions_bucket}.victim", b"", {}), (f"$KV.{naming.tasks_bucket}.{record_key(other)}", b"", {}),
         (f"$KV.{naming.state_bucket}.{kv_key(WORKSPACE_RECORD + '/etc')}", b"", {}), ("$KV.foreign.x", b"", {}),
+        (f"$KV.{naming.sidecars_bucket}.another-sidecar", b"", {}),
         (f"$O.{naming.object_store}.M.{base64.urlsafe_b64encode(b'input/x/y').decode()}", b"", {}),
         (naming.task_subject, b"forged", {}), (naming.dead_letter, b"", {}), ("fuzz.elsewhere", b"", {}),
     ]

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocbridge.bridge.engines.base import AgentEvent, EngineError, EventSink, PromptRequest, RunOutcome, SessionHandle
+from ocbridge.bridge.engines.base import (
+    AgentEvent,
+    EngineError,
+    EventSink,
+    PromptRequest,
+    RunOutcome,
+    SessionHandle,
+    ToolServer,
+)
 from ocbridge.bridge.engines.names import check_name, check_uuid
 from ocbridge.client.protocol import ToolInfo
 
@@ -84,7 +92,8 @@ class ClaudeTranslator(Translator):
         self.last_texts: list[str] = []
         self.last_message_id: str | None = None
         # Open tool calls: tool_use id -> (name, start time, file it edits).
-        self.tools: dict[str, tuple[str, float, str | None]] = {}
+        #: call id -> (tool name, monotonic and wall-clock start, edited path)
+        self.tools: dict[str, tuple[str, float, float, str | None]] = {}
 
     def feed(self, event: JSON) -> list[AgentEvent]:
         kind = event.get("type")
@@ -123,14 +132,16 @@ class ClaudeTranslator(Translator):
                 call_id, name = str(block.get("id") or ""), str(block.get("name") or "tool")
                 args = block.get("input") if isinstance(block.get("input"), dict) else None
                 path = (args.get("file_path") or args.get("notebook_path")) if name in EDIT_TOOLS and args else None
-                self.tools[call_id] = (name, time.monotonic(), path if isinstance(path, str) else None)
+                now = time.time()
+                self.tools[call_id] = (name, time.monotonic(), now, path if isinstance(path, str) else None)
                 self.outcome.tool_calls += 1
-                out.append(AgentEvent("tool_start", tool=ToolInfo(name=name, callID=call_id, args=args)))
+                tool = ToolInfo(name=name, callID=call_id, args=args)
+                out.append(AgentEvent("tool_start", tool=tool, started_at=now))
         return out
 
     def _tool_result(self, block: JSON) -> list[AgentEvent]:
         call_id = str(block.get("tool_use_id") or "")
-        name, started, path = self.tools.pop(call_id, ("tool", None, None))
+        name, started, started_at, path = self.tools.pop(call_id, ("tool", None, None, None))
         duration = int((time.monotonic() - started) * 1000) if started is not None else None
         output = tool_output(block.get("content"))
         failed = bool(block.get("is_error"))
@@ -138,7 +149,8 @@ class ClaudeTranslator(Translator):
             self._edited(path)
         return [
             AgentEvent(
-                "tool_end", tool=ToolInfo(name=name, callID=call_id, output=output, duration=duration, error=failed)
+                "tool_end", tool=ToolInfo(name=name, callID=call_id, output=output, duration=duration, error=failed),
+                started_at=started_at, ended_at=time.time(),
             )
         ]
 
@@ -218,6 +230,21 @@ def describe_result_error(result: JSON) -> tuple[str, str]:
     if subtype == "error_during_execution":
         return f"Claude Code failed during execution: {detail or text or 'no detail'}", "engine_error"
     return (text or detail or f"Claude Code reported an error ({subtype or 'unknown'})"), "engine_error"
+
+
+def mcp_config(tools: ToolServer) -> tuple[str, dict[str, str]]:
+    """``--mcp-config`` JSON for an HTTP MCP server, and the environment it needs.
+
+    Header values (the bearer token) are not put on the command line, which any local user can
+    read (``/proc/<pid>/cmdline``), nor in a file: the config names environment variables that
+    Claude Code expands (``${VAR}``), and the values travel in the process environment.
+    """
+    headers, env = {}, {}
+    for index, (name, value) in enumerate(tools.headers.items()):
+        variable = f"STATION_TOOLS_HEADER_{index}"
+        headers[name], env[variable] = "${" + variable + "}", value
+    server = {"type": "http", "url": tools.url, "headers": headers}
+    return json.dumps({"mcpServers": {tools.name: server}}), env
 
 
 def tool_output(content: Any) -> str | None:
@@ -309,8 +336,17 @@ class ClaudeCodeEngine(CLIEngine):
             argv.append("--model=" + model)
         if request.agent:
             argv.append("--agent=" + request.agent)
-        if s.allowed_tools:
-            argv.append("--allowedTools=" + ",".join(s.allowed_tools))
+        allowed, env = list(s.allowed_tools), None
+        if request.tools is not None:  # this run's MCP server; -p mode needs its tools allowed
+            config, env = mcp_config(request.tools)
+            # Claude Code defers MCP tools behind its ToolSearch tool (an extra model turn before
+            # the first call); three small tools are cheaper offered at once.
+            if "ENABLE_TOOL_SEARCH" not in s.env:
+                env["ENABLE_TOOL_SEARCH"] = "false"
+            argv += ["--mcp-config=" + config, "--strict-mcp-config"]
+            allowed += [f"mcp__{request.tools.name}__{tool}" for tool in request.tools.tools]
+        if allowed:
+            argv.append("--allowedTools=" + ",".join(allowed))
         if s.disallowed_tools:
             argv.append("--disallowedTools=" + ",".join(s.disallowed_tools))
         if s.permission_mode:
@@ -318,4 +354,4 @@ class ClaudeCodeEngine(CLIEngine):
         argv += s.extra_args
         # The prompt goes on stdin: no argv size limit, and a leading "-" is never an option.
         translator = ClaudeTranslator(real_dir(request.directory), request.session_id, baseline_cost=baseline)
-        return await self.execute(request, argv, translator, on_event, stdin=request.prompt.encode())
+        return await self.execute(request, argv, translator, on_event, stdin=request.prompt.encode(), env=env)

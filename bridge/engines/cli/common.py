@@ -241,16 +241,18 @@ class CLIEngine(Engine):
         on_event: EventSink,
         *,
         stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
     ) -> RunOutcome:
         """Run one CLI process to completion, relaying its events; the tree is killed on any exit
-        path (abort, cancellation, an exception from ``on_event``...).
+        path (abort, cancellation, an exception from ``on_event``...). ``env`` adds to (or
+        overrides) :meth:`environment` for this run.
 
         A transient failure before the run started (see :attr:`Translator.started`) starts the
         same command again, up to ``retry_attempts`` in all; :class:`EngineUnavailable` after that.
         """
         s = self.settings
         directory = real_dir(request.directory)
-        run = _Run(directory, request.session_id, self._process(argv, directory, stdin), translator)
+        run = _Run(directory, request.session_id, self._process(argv, directory, stdin, env), translator)
         self._runs.add(run)
         try:
             while True:
@@ -272,7 +274,7 @@ class CLIEngine(Engine):
                     if run.aborted:  # abort() came while waiting
                         outcome = translator.finish(code, stderr, aborted=True)
                         break
-                    run.proc = self._process(argv, directory, stdin)
+                    run.proc = self._process(argv, directory, stdin, env)
         finally:
             self._runs.discard(run)
         log.info(
@@ -282,10 +284,11 @@ class CLIEngine(Engine):
         )  # fmt: skip
         return outcome
 
-    def _process(self, argv: list[str], directory: str, stdin: bytes | None) -> CLIProcess:
+    def _process(self, argv: list[str], directory: str, stdin: bytes | None,
+                 env: dict[str, str] | None = None) -> CLIProcess:  # fmt: skip
         s = self.settings
-        return CLIProcess(argv, cwd=directory, env=self.environment(), stdin_data=stdin, kill_grace=s.kill_grace,
-                          max_line=s.max_line_bytes)  # fmt: skip
+        return CLIProcess(argv, cwd=directory, env={**self.environment(), **(env or {})}, stdin_data=stdin,
+                          kill_grace=s.kill_grace, max_line=s.max_line_bytes)  # fmt: skip
 
     async def _attempt(self, run: _Run, on_event: EventSink) -> tuple[int, str]:
         """Run ``run.proc`` to its end: ``(exit code, stderr tail)``."""

@@ -50,6 +50,7 @@ from ocbridge.bridge.engines.opencode.api import RETRY_STORE, STORE_BUSY
 from ocbridge.bridge.engines.opencode.settings import (
     DEFAULT_PERMISSION,
     OFFLINE_SWITCHES,
+    mcp_remote_config,
     opencode_home_env,
     prepare_opencode_home,
 )
@@ -160,7 +161,9 @@ class OpenCodeTranslator(Translator):
         output = state.get("error") if failed else state.get("output")
         times = state.get("time") if isinstance(state.get("time"), dict) else {}
         start, end = times.get("start"), times.get("end")
-        duration = max(0, int(end - start)) if isinstance(start, int | float) and isinstance(end, int | float) else None
+        timed = isinstance(start, int | float) and isinstance(end, int | float)
+        duration = max(0, int(end - start)) if timed else None
+        started_at, ended_at = (start / 1000, end / 1000) if timed else (None, None)  # ms since the epoch
         self.outcome.tool_calls += 1
         if name in EDIT_TOOLS and not failed:
             path = (state.get("metadata") or {}).get("filepath") or (args or {}).get("filePath")
@@ -170,7 +173,7 @@ class OpenCodeTranslator(Translator):
                     self.outcome.files_edited.append(path)
         # The CLI prints a tool only once it is over: start and end are reported together.
         return [
-            AgentEvent("tool_start", tool=ToolInfo(name=name, callID=call_id, args=args)),
+            AgentEvent("tool_start", tool=ToolInfo(name=name, callID=call_id, args=args), started_at=started_at),
             AgentEvent(
                 "tool_end",
                 tool=ToolInfo(
@@ -180,6 +183,8 @@ class OpenCodeTranslator(Translator):
                     duration=duration,
                     error=failed,
                 ),
+                started_at=started_at,
+                ended_at=ended_at,
             ),
         ]
 
@@ -311,4 +316,9 @@ class OpenCodeCLIEngine(CLIEngine):
         # The prompt goes on stdin, not argv: no size limit (argv strings stop at 128 KiB) and a
         # prompt starting with "-" cannot be taken for an option.
         translator = OpenCodeTranslator(directory, request.session_id)
-        return await self.execute(request, argv, translator, on_event, stdin=request.prompt.encode())
+        env = None
+        if request.tools is not None:  # this run's MCP server, in its own inline config
+            tools = request.tools
+            config = deep_merge(s.opencode_config(), {"mcp": {tools.name: mcp_remote_config(tools.url, tools.headers)}})
+            env = {"OPENCODE_CONFIG_CONTENT": json.dumps(config)}
+        return await self.execute(request, argv, translator, on_event, stdin=request.prompt.encode(), env=env)

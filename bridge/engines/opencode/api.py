@@ -284,6 +284,16 @@ class OpenCodeAPI:
     async def reject_question(self, directory: str, request_id: str) -> bool:
         return bool(await self.request("POST", f"/question/{_segment(request_id)}/reject", directory=directory))
 
+    async def mcp_status(self, directory: str) -> dict[str, JSON]:
+        """The MCP servers of the directory's instance: ``{name: {"status": "connected" | ...}}``."""
+        return await self.request("GET", "/mcp", directory=directory) or {}
+
+    async def add_mcp(self, directory: str, name: str, config: JSON) -> dict[str, JSON]:
+        """Add (or replace) MCP server ``name`` on the directory's instance: ``{name: {status}}``.
+        The config may carry credentials in ``headers``: errors never include the body sent."""
+        body = {"name": name, "config": config}
+        return await self.request("POST", "/mcp", directory=directory, body=body) or {}
+
     async def dispose_instance(self, directory: str) -> bool:
         """Unload the directory's instance (it is loaded again on the next call about it)."""
         return bool(await self.request("POST", "/instance/dispose", directory=directory))

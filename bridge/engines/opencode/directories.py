@@ -34,6 +34,12 @@ class _Dir:
     last_used: float = field(default_factory=time.monotonic)
     loaded: bool = False  # whether OpenCode probably holds an instance for it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: What was registered on the instance with ``POST /mcp`` (lost with the instance).
+    tools: object | None = None
+
+    def unload(self) -> None:
+        self.loaded = False
+        self.tools = None
 
     def disposable(self, idle_seconds: float) -> bool:
         return (
@@ -84,16 +90,25 @@ class DirectoryTracker:
             state.running -= 1
             state.last_used = time.monotonic()
 
+    def tools(self, key: str) -> object | None:
+        """What :meth:`set_tools` recorded for ``key``'s current instance (``None`` once it was
+        disposed or the server restarted: the registration went with the instance)."""
+        state = self._dirs.get(key)
+        return state.tools if state is not None else None
+
+    def set_tools(self, key: str, tools: object | None) -> None:
+        self._get(key).tools = tools
+
     def forget_instances(self) -> None:
         """The server restarted: it holds no instance any more."""
         for state in self._dirs.values():
-            state.loaded = False
+            state.unload()
 
     def instance_disposed(self, key: str) -> None:
         """Someone disposed ``key`` (a ``server.instance.disposed`` event)."""
         state = self._dirs.get(key)
         if state is not None and not state.running:
-            state.loaded = False
+            state.unload()
 
     async def dispose_idle(self, dispose: Callable[[str], Awaitable[object]]) -> list[str]:
         """Call ``dispose(key)`` for every loaded directory not in use for ``idle_seconds``."""
@@ -109,7 +124,7 @@ class DirectoryTracker:
                 except Exception as exc:
                     log.warning("OpenCode dispose of %s failed: %s", key, exc)
                     continue
-                state.loaded = False
+                state.unload()
             log.info("OpenCode instance of %s disposed after %.0fs idle", key, self.idle_seconds)
             self.disposed.append(key)
             done.append(key)

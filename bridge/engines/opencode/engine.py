@@ -31,6 +31,7 @@ from ocbridge.bridge.engines.base import (
     PromptRequest,
     RunOutcome,
     SessionHandle,
+    ToolServer,
 )
 from ocbridge.bridge.engines.names import check_opencode_session
 
@@ -38,7 +39,7 @@ from .api import RETRY_SERVER, RETRY_STORE, STORE_BUSY, OpenCodeAPI, ServerUnrea
 from .directories import DirectoryTracker, dir_key
 from .events import GAP, SERVER_LOST, Event, EventHub, Subscription
 from .server import OpenCodeProcess, check_version
-from .settings import OpenCodeSettings
+from .settings import OpenCodeSettings, mcp_remote_config
 from .translate import RunTranslator, describe_error, outcome_from_messages, run_finished
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class OpenCodeEngine(Engine):
     """
 
     name = "opencode"
+    shares_tool_connections = True  # one MCP connection per directory instance
 
     def __init__(self, settings: OpenCodeSettings | None = None) -> None:
         self.settings = settings or OpenCodeSettings()
@@ -264,6 +266,8 @@ class OpenCodeEngine(Engine):
             for old in subs:
                 self.events.unsubscribe(old)
             subs[:] = [self.events.subscribe(sid, key)]
+            if request.tools is not None:
+                await self._ensure_tools(api, key, request.tools)
             await api.prompt_async(key, sid, request.prompt, model=model, agent=request.agent, message_id=message_id)
 
         sent = False
@@ -283,6 +287,36 @@ class OpenCodeEngine(Engine):
             for sub in subs:
                 if self.events is not None:
                     self.events.unsubscribe(sub)
+
+    async def _ensure_tools(self, api: OpenCodeAPI, key: str, tools: ToolServer) -> None:
+        """Register the run's MCP server on the directory's instance (``POST /mcp``), unless the
+        same one is registered and connected there already. The registration lives in the
+        instance: it is made again after the instance was disposed (by the reaper, or by anyone:
+        hence the status check, ~2 ms, rather than trusting the bookkeeping) or the server
+        restarted. A failure leaves the run without those tools (logged), never fails it."""
+        if self.directories.tools(key) == tools:
+            try:
+                current = (await api.mcp_status(key)).get(tools.name) or {}
+            except EngineUnavailable:
+                raise
+            except EngineError:
+                current = {}
+            if current.get("status") == "connected":
+                return
+        config = mcp_remote_config(tools.url, tools.headers)
+        try:
+            status = await api.add_mcp(key, tools.name, config)
+        except EngineUnavailable:
+            raise
+        except EngineError as exc:
+            log.warning("OpenCode: registering the %s tools in %s failed: %s", tools.name, key, exc)
+            return
+        state = (status or {}).get(tools.name) or {}
+        if state.get("status") != "connected":
+            log.warning("OpenCode: the %s tools in %s are %s: %s", tools.name, key, state.get("status"),
+                        state.get("error") or "no detail")
+            return
+        self.directories.set_tools(key, tools)
 
     async def _follow(self, key: str, sub: Subscription, tr: RunTranslator, on_event: EventSink) -> None:
         """Feed events to ``on_event`` until the run is over (idle after our prompt was seen)."""

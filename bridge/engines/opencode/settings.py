@@ -60,6 +60,12 @@ def prepare_opencode_home(root: Path) -> None:
         package.write_text("{}\n")
 
 
+def mcp_remote_config(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    """An OpenCode ``mcp`` entry for a remote (Streamable HTTP) server. ``oauth: false``: OpenCode
+    would otherwise try OAuth discovery against it before sending the headers."""
+    return {"type": "remote", "url": url, "headers": dict(headers), "oauth": False}
+
+
 def opencode_home_env(root: Path) -> dict[str, str]:
     """The HOME and XDG_* variables that point OpenCode at the home :func:`prepare_opencode_home` made."""
     return {name: str(root / sub) for name, sub in _HOME_LAYOUT.items()}

@@ -151,18 +151,21 @@ class RunTranslator:
         status = state.get("status")
         out: list[AgentEvent] = []
         info = {"name": str(part.get("tool") or "tool"), "callID": str(part.get("callID") or part_id)}
+        times = state.get("time") if isinstance(state.get("time"), dict) else {}
+        # OpenCode's own times (ms since the epoch): the tool's real start and end for its span.
+        started = times["start"] / 1000 if isinstance(times.get("start"), int | float) else None
+        ended = times["end"] / 1000 if isinstance(times.get("end"), int | float) else None
         if status in ("running", "completed", "error") and part_id not in self.started_tools:
             self.started_tools.add(part_id)
             self.tool_calls += 1
             args = state.get("input") if isinstance(state.get("input"), dict) else None
-            out.append(AgentEvent("tool_start", tool=ToolInfo(**info, args=args)))
+            out.append(AgentEvent("tool_start", tool=ToolInfo(**info, args=args), started_at=started))
         if status in ("completed", "error") and part_id not in self.ended_tools:
             self.ended_tools.add(part_id)
             failed = status == "error"
             output = state.get("error") if failed else state.get("output")
-            times = state.get("time") or {}
             duration = None
-            if isinstance(times.get("start"), int | float) and isinstance(times.get("end"), int | float):
+            if started is not None and ended is not None:
                 duration = max(0, int(times["end"] - times["start"]))
             out.append(
                 AgentEvent(
@@ -173,6 +176,8 @@ class RunTranslator:
                         duration=duration,
                         error=failed,
                     ),
+                    started_at=started,
+                    ended_at=ended,
                 )
             )
             if not failed and info["name"] in EDIT_TOOLS:

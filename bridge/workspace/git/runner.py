@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 import shlex
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from ocbridge.bridge.logs import logged_suppress
+from ocbridge.bridge.observability import tracing
 from ocbridge.bridge.processes import kill_group
 from ocbridge.bridge.redact import Redactor, default_redactor
 
@@ -204,6 +207,34 @@ async def _read_capped(stream: asyncio.StreamReader | None, limit: int | None) -
     return b"".join(chunks), truncated
 
 
+_COMMAND = re.compile(r"[a-z][a-z0-9-]{0,30}")
+
+
+def _traced(run: Callable[..., Awaitable[GitResult]]) -> Callable[..., Awaitable[GitResult]]:
+    """One ``git.<command>`` span per git process (``git.clone``, ``git.fetch``...): its command
+    and exit code, never its arguments (URLs, paths, messages)."""
+
+    @functools.wraps(run)
+    async def traced(args: Sequence[str], *rest, **options) -> GitResult:
+        if not tracing.enabled():
+            return await run(args, *rest, **options)
+        what = next((a for a in args if not a.startswith("-")), "git")
+        what = what if _COMMAND.fullmatch(what) else "command"
+        with tracing.span(f"git.{what}") as step:
+            step.set_attribute("git.command", what)
+            try:
+                result = await run(args, *rest, **options)
+            except GitError as exc:
+                if exc.code is not None:
+                    step.set_attribute("git.exit_code", exc.code)
+                raise
+            step.set_attribute("git.exit_code", result.code)
+            return result
+
+    return traced
+
+
+@_traced
 async def run_git(
     args: Sequence[str],
     cwd: str | Path | None = None,
