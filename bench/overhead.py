@@ -14,7 +14,7 @@ p50 with observability on within 1.05x of off. Then tasks in 50 distinct workspa
 bridge, with the sidecar's and OpenCode's RSS before, right after, and after the idle directory
 instances were disposed.
 
-Run: .venv/bin/python bench/overhead.py [--tasks 20] [--throughput-tasks 80] [--observed-tasks 40]
+Run: .venv/bin/python bench/overhead.py [--tasks 20] [--throughput-tasks 80] [--observed-tasks 40] (0 skips a part)
      [--workspaces 50]
 """
 
@@ -180,22 +180,26 @@ class Stack:
     tracing and metrics on: OTLP to it, and the ``/metrics`` listener on a free port)."""
 
     def __init__(
-        self, tmp: Path, nats: EmbeddedNats, model_url: str, dispose_after: float, collector: str | None = None
+        self, tmp: Path, nats: EmbeddedNats, model_url: str, dispose_after: float, collector: str | None = None,
+        opencode: OpenCodeProcess | None = None, observe: str = "traces,metrics",
     ) -> None:
         self.tmp, self.nats, self.model_url, self.dispose_after = tmp, nats, model_url, dispose_after
         self.collector = collector
+        self.observe = observe
+        #: A running OpenCode to share (it is then neither started nor stopped here).
+        self.shared_opencode = opencode
         self.root = tmp / "workspaces"
         self.metrics_url: str | None = None
 
     def _environment(self) -> dict[str, str]:
         env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
         if self.collector:
-            env.update({
-                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": self.collector,
-                "OTEL_BSP_SCHEDULE_DELAY": "1000", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
-                "OCBRIDGE_HTTP_PORT": "0",
-            })
+            env.update({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": self.collector})
+            if "traces" in self.observe:
+                env.update({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "1000"})
+            if "metrics" in self.observe:
+                env.update({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                            "OCBRIDGE_HTTP_PORT": "0"})
         return env
 
     async def _find_metrics_url(self) -> str:
@@ -207,11 +211,15 @@ class Stack:
                 await asyncio.sleep(0.1)
 
     async def __aenter__(self) -> Stack:
-        self.opencode = OpenCodeProcess(OpenCodeSettings(
-            binary=find_binary("opencode"), state_dir=self.tmp / "opencode",
-            config=opencode_provider_config(self.model_url), extra_path=[str(Path(sys.executable).parent)],
-        ))
-        self.url = await self.opencode.start()
+        if self.shared_opencode is not None:
+            self.opencode = self.shared_opencode
+            self.url = self.opencode.url
+        else:
+            self.opencode = OpenCodeProcess(OpenCodeSettings(
+                binary=find_binary("opencode"), state_dir=self.tmp / "opencode",
+                config=opencode_provider_config(self.model_url), extra_path=[str(Path(sys.executable).parent)],
+            ))
+            self.url = await self.opencode.start()
         (self.root / "bench").mkdir(parents=True)
         config = self.tmp / "sidecar.yaml"
         config.write_text(yaml.safe_dump({
@@ -234,12 +242,13 @@ class Stack:
         try:
             self.client = await CodingClient.connect(self.nats.url, naming=naming, retry_for=30)
             await via_bridge(self.client, "create warm.txt with content w", "bench")  # waits for the sidecar
-            if self.collector:
+            if self.collector and "metrics" in self.observe:
                 self.metrics_url = await self._find_metrics_url()
         except BaseException:
             self.sidecar.terminate()
             await self.sidecar.wait()
-            await self.opencode.stop()
+            if self.shared_opencode is None:
+                await self.opencode.stop()
             raise
         return self
 
@@ -247,7 +256,8 @@ class Stack:
         await self.client.close()
         self.sidecar.terminate()
         await self.sidecar.wait()
-        await self.opencode.stop()
+        if self.shared_opencode is None:
+            await self.opencode.stop()
 
 
 async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int, throughput_tasks: int) -> None:
@@ -315,36 +325,49 @@ async def scrape(url: str, stop: asyncio.Event) -> int:
     return scrapes
 
 
-async def observability_cost(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int) -> None:
-    """The bridge path sequentially on a plain sidecar and on one with tracing and metrics on."""
+async def observability_cost(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int, observe: str) -> None:
+    """The bridge path sequentially on a plain sidecar and on one with tracing and metrics on, both
+    driving one shared OpenCode (two OpenCode processes would differ more than the sidecars do)."""
     collector = CollectorStub()
     collector_url = await collector.start()
+    opencode = OpenCodeProcess(OpenCodeSettings(
+        binary=find_binary("opencode"), state_dir=tmp / "opencode",
+        config=opencode_provider_config(model_url), extra_path=[str(Path(sys.executable).parent)],
+    ))
+    await opencode.start()
     try:
-        async with Stack(tmp / "plain", nats, model_url, 300) as plain, \
-                Stack(tmp / "observed", nats, model_url, 300, collector=collector_url) as observed:
-            assert observed.metrics_url is not None
+        async with Stack(tmp / "plain", nats, model_url, 300, opencode=opencode) as plain, \
+                Stack(tmp / "observed", nats, model_url, 300, collector=collector_url, opencode=opencode,
+                      observe=observe) as observed:
             stop = asyncio.Event()
-            scraper = asyncio.create_task(scrape(observed.metrics_url, stop))
+            scraper = asyncio.create_task(scrape(observed.metrics_url, stop)) if observed.metrics_url else None
             latencies: dict[str, list[float]] = {"off": [], "on": []}
-            chunk = max(tasks // 4, 1)
+            cpu = {"off": 0.0, "on": 0.0}
+            chunk = max(tasks // 8, 1)
             for _ in range(3):  # warm both
                 await via_bridge(plain.client, "create warm.txt with content w", "bench")
                 await via_bridge(observed.client, "create warm.txt with content w", "bench")
-            for label, stack in (("off", plain), ("on", observed), ("on", observed), ("off", plain)) * 2:
+            for label, stack in (("off", plain), ("on", observed), ("on", observed), ("off", plain)) * 4:
+                before = cpu_seconds(stack.sidecar.pid)
                 lat, _ = await measure(label, lambda p, st=stack: via_bridge(st.client, p, "bench"), chunk, 1)
+                cpu[label] += cpu_seconds(stack.sidecar.pid) - before
                 latencies[label] += lat
             stop.set()
-            scrapes = await scraper
+            scrapes = await scraper if scraper is not None else 0
         off50, on50 = statistics.median(latencies["off"]), statistics.median(latencies["on"])
         off95, on95 = pct(latencies["off"], 0.95), pct(latencies["on"], 0.95)
-        print(f"\nobservability (bridge path, sequential, {len(latencies['on'])} tasks each, alternating chunks):")
+        print(f"\nobservability: {observe} (bridge path, sequential, {len(latencies['on'])} tasks each, alternating "
+              "chunks, one shared OpenCode):")
         print(f"{'':14} {'off p50':>9} {'on p50':>9} {'ratio':>6}   {'off p95':>9} {'on p95':>9} {'ratio':>6}")
-        print(f"{'tracing+metrics':14} {off50 * 1000:7.0f}ms {on50 * 1000:7.0f}ms {on50 / off50:6.2f}   "
+        print(f"{observe:14} {off50 * 1000:7.0f}ms {on50 * 1000:7.0f}ms {on50 / off50:6.2f}   "
               f"{off95 * 1000:7.0f}ms {on95 * 1000:7.0f}ms {on95 / off95:6.2f}   (goal: p50 ratio <= 1.05)")
+        n = len(latencies["on"])
+        print(f"  sidecar CPU per task: off {cpu['off'] / n * 1000:.1f} ms, on {cpu['on'] / n * 1000:.1f} ms")
         print(f"  collector received {collector.requests.get('/v1/traces', 0)} trace and "
               f"{collector.requests.get('/v1/metrics', 0)} metric exports ({collector.received / 1024:.0f} KiB); "
               f"/metrics scraped {scrapes} times")
     finally:
+        await opencode.stop()
         await collector.stop()
 
 
@@ -364,16 +387,20 @@ async def memory(tmp: Path, nats: EmbeddedNats, model_url: str, workspaces: int,
     return samples, disposed
 
 
-async def main(tasks: int, throughput_tasks: int, observed_tasks: int, workspaces: int, dispose_after: float) -> None:
+async def main(tasks: int, throughput_tasks: int, observed_tasks: int, observe: str, workspaces: int,
+               dispose_after: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ocbridge-bench-"))
     nats = EmbeddedNats(tmp / "nats")
     model = OfflineModelServer()
     await nats.start()
     model_url = await model.start()
     try:
-        await latency(tmp / "latency", nats, model_url, tasks, throughput_tasks)
+        if tasks and throughput_tasks:
+            await latency(tmp / "latency", nats, model_url, tasks, throughput_tasks)
         if observed_tasks:
-            await observability_cost(tmp / "observability", nats, model_url, observed_tasks)
+            await observability_cost(tmp / "observability", nats, model_url, observed_tasks, observe)
+        if not workspaces:
+            return
         kept, _ = await memory(tmp / "kept", nats, model_url, workspaces, None)
         freed, disposed = await memory(tmp / "freed", nats, model_url, workspaces, dispose_after)
         print(f"\nmemory (RSS, MiB) while tasks run in {workspaces} distinct workspaces, one after another:")
@@ -395,7 +422,10 @@ if __name__ == "__main__":
     parser.add_argument("--throughput-tasks", type=int, default=80, help="per path at concurrency 8")
     parser.add_argument("--observed-tasks", type=int, default=40,
                         help="per sidecar (observability off / on), sequentially; 0 skips the row")
-    parser.add_argument("--workspaces", type=int, default=50)
+    parser.add_argument("--observe", default="traces,metrics",
+                        help="what the observed sidecar turns on: traces, metrics or both (default)")
+    parser.add_argument("--workspaces", type=int, default=50, help="0 skips the memory rows")
     parser.add_argument("--dispose-after", type=float, default=3.0, help="idle_dispose_seconds for the sidecar")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.throughput_tasks, args.observed_tasks, args.workspaces, args.dispose_after))
+    asyncio.run(main(args.tasks, args.throughput_tasks, args.observed_tasks, args.observe, args.workspaces,
+                     args.dispose_after))

@@ -6,8 +6,8 @@ Delivery rules:
 - A message that cannot be read, or names callback subjects it may not, is dead-lettered (kept,
   logged, terminated); an invalid task whose result subject is its own gets an ``invalid_task``
   error result (:mod:`.intake`). Neither is ever redelivered.
-- The result is stored in the task record *before* it is published, then the message is acked:
-  a crash at any step leaves a redelivery that re-publishes the stored result. A copy of a task
+- The result is stored in the task record *before* it is published, then the message is acked
+  (:mod:`.answers`): a crash at any step leaves a redelivery that re-publishes the stored result. A copy of a task
   that already has a result (the same ``taskID`` published twice) gets that result again; a copy
   that arrives while the first one runs waits for it.
 - While a task runs, progress acks (a third of the consumer's real ``ack_wait``) keep JetStream
@@ -40,14 +40,15 @@ from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.leases import SessionLeases
 from ocbridge.bridge.storage.stores import NatsArtifacts, NatsKeyValue
 from ocbridge.client.kv import get_json
-from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, TaskStatus, cancel_key, iso_now
+from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskStatus, cancel_key, iso_now
 
+from .answers import Answers, error_result, nak
 from .cancel import CancelRegistry
 from .deadletter import DeadLetters
 from .intake import Rejection, read_task
 from .ops_server import OpsServer
 from .records import TaskRecords
-from .results import FLUSH_TIMEOUT, Publisher
+from .results import Publisher
 from .setup import Buckets, ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,11 @@ class Worker:
         )
         self._publisher = Publisher(nc, NatsArtifacts(buckets.files), redactor)
         self._ops = OpsServer(nc, runtime.ops, redactor, self._publisher, limit=config.concurrency)
-        self._dead_letters = DeadLetters(js, self._naming.dead_letter, redactor)
+        self._answers = Answers(
+            nc=nc, records=self._records, publisher=self._publisher,
+            dead_letters=DeadLetters(js, self._naming.dead_letter, redactor), state_bucket=buckets.state,
+            redactor=redactor, metrics=metrics, retry_delay=config.jetstream.retry_delay, note_error=self._note_error,
+        )
 
     async def start(self) -> None:
         await self._bind()
@@ -236,7 +241,7 @@ class Worker:
         self._metrics.received(msg.metadata.num_delivered)
         intake = read_task(msg.data, naming=self._naming, max_bytes=self._config.jetstream.max_task_bytes)
         if isinstance(intake, Rejection):
-            await self._reject(msg, intake)
+            await self._answers.reject(msg, intake)
             return
         task = intake
         # The task's log fields, and its trace span: a child of the publisher's span when the
@@ -261,11 +266,11 @@ class Worker:
                     # Offered again within a quarter of the lease TTL: when the holder died, its
                     # lease expires after one TTL and this copy should run soon after.
                     settings = self._config.jetstream
-                    await self._nak(msg, min(settings.retry_delay, max(settings.lease_ttl / 4, 0.5)))
+                    await nak(msg, min(settings.retry_delay, max(settings.lease_ttl / 4, 0.5)))
                     return
                 await self._deliver(msg, task, lost)
         except Exception as exc:  # the lease store (NATS) is unreachable: not the task's fault
-            await self._give_back(msg, task.task_id, f"task lease unavailable: {exc}")
+            await self._answers.give_back(msg, task.task_id, f"task lease unavailable: {exc}")
 
     async def _deliver(self, msg: Msg, task: Task, lost: asyncio.Event) -> None:
         """Decide what this copy of the task gets (its lease is held): the stored result, an error
@@ -273,7 +278,7 @@ class Worker:
         try:
             record = await self._records.get(task.task_id)
         except Exception as exc:  # KV trouble is not the task's fault: try again later
-            await self._give_back(msg, task.task_id, f"task record unreadable: {exc}")
+            await self._answers.give_back(msg, task.task_id, f"task record unreadable: {exc}")
             return
         seq = msg.metadata.sequence.stream
         if record is not None and record.result is not None:
@@ -284,7 +289,7 @@ class Worker:
                     await msg.ack()
                 return
             if record.state in ("publishing", "done"):
-                await self._republish(msg, task, record)
+                await self._answers.republish(msg, task, record)
                 return
         runs = (record.attempt or 0) if record else 0
         retries = (record.retries or 0) if record else 0
@@ -294,7 +299,7 @@ class Worker:
         if died >= settings.max_attempts or retries >= settings.max_retries or self._last_delivery(msg):
             error = (f"task given up after {runs} run(s): its sidecar died while running it {died} time(s), "
                      f"it was given back {retries} time(s)")
-            await self._finish(msg, task, self._error_result(task.task_id, error, ErrorType.REDELIVERY_EXHAUSTED),
+            await self._answers.finish(msg, task, error_result(task.task_id, error, ErrorType.REDELIVERY_EXHAUSTED),
                                TaskRecord(taskID=task.task_id, state="publishing", attempt=runs, retries=retries,
                                           streamSeq=seq), term=True)
             return
@@ -315,117 +320,32 @@ class Worker:
                     cancel.set()
                 await self._records.put(state)
             except Exception as exc:
-                await self._give_back(msg, task_id, f"KV unavailable: {exc}")
+                await self._answers.give_back(msg, task_id, f"KV unavailable: {exc}")
                 return
             log.info("task %s: attempt %d in workspace %r", task_id, attempt, task.workspace.name)
             if attempt == 1 and not state.retries:  # publish to first start, not to a retry's start
                 self._metrics.queue_wait(msg.metadata.timestamp)
             if cancel.is_set() and not lost.is_set():
-                result = self._error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
+                result = error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
             else:
                 result = await self._pipeline.run(task, cancel, attempt=attempt)
         except RetryTask as exc:
-            await self._give_back(msg, task_id, str(exc), delay=exc.retry_after, state=state)
+            await self._answers.give_back(msg, task_id, str(exc), delay=exc.retry_after, state=state)
             return
         except asyncio.CancelledError:
             # Shutdown past the grace period: give the task back for immediate redelivery.
-            await self._give_back(msg, task_id, "the sidecar is stopping", delay=0, state=state, requeued=True)
+            await self._answers.give_back(msg, task_id, "the sidecar is stopping", delay=0, state=state, requeued=True)
             raise
         finally:
             keepalive.cancel()
             watch_lease.cancel()
             self.cancels.finish(task_id)
         if lost.is_set():
-            await self._give_back(msg, task_id, "its task lease was lost (NATS unreachable)", state=state)
+            await self._answers.give_back(msg, task_id, "its task lease was lost (NATS unreachable)", state=state)
             return
         state.state, state.result = "publishing", None
-        await self._finish(msg, task, result, state)
-
-    async def _finish(
-        self, msg: Msg, task: Task, result: TaskResult, record: TaskRecord, *, term: bool = False
-    ) -> None:
-        """Record the result, then publish it, then ack: a crash at any step leaves a redelivery
-        that re-publishes the stored result rather than running the agent again."""
-        task_id = task.task_id
-        tracing.describe_task(task, result, attempt=record.attempt)
-        try:
-            message = await self._publisher.encode(result.to_dict(), object_prefix=f"output/{task_id}/result")
-            record.result = TaskResult.from_wire(message)
-            record.state = "publishing"
-            await self._records.put(record)
-        except Exception as exc:
-            log.error("task %s: cannot store its result (%s); it will run again", task_id, exc)
-            self._note_error(f"task {task_id}: cannot store its result: {exc}")
-            await self._nak(msg, self._config.jetstream.retry_delay)
-            return
-        self._metrics.finished(result)  # decided and stored: a re-publish of it is not counted again
-        if not await self._publish(task, message):
-            await self._nak(msg, self._config.jetstream.retry_delay)  # re-published on redelivery
-            return
-        record.state = "done"
-        with logged_suppress(f"task {task_id}: recording it done", log):
-            await self._records.put(record)
-        if result.status == TaskStatus.CANCELLED:
-            # A cancel may have left cancel.<taskID> in the state bucket: no longer needed.
-            with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
-                await self._buckets.state.delete(cancel_key(task_id))
-        with logged_suppress(f"task {task_id}: ack", log):
-            await (msg.term() if term else msg.ack())
-        log.info(
-            "task %s: %s in %d ms (%d events)",
-            task_id, result.status.value, result.metrics.duration, result.metrics.stream_events,
-        )
-
-    async def _republish(self, msg: Msg, task: Task, record: TaskRecord) -> None:
-        """A copy of a task that already has a result (a duplicate publish, or a redelivery after
-        the result was stored): publish the same result again, never run the agent twice."""
-        assert record.result is not None
-        log.info("task %s already has a result (%s); publishing it again", task.task_id, record.state)
-        tracing.add_event("result.republished", {"record.state": record.state})
-        if not await self._publish(task, record.result.to_wire()):
-            await self._nak(msg, self._config.jetstream.retry_delay)
-            return
-        if record.state != "done":
-            record.state = "done"
-            with logged_suppress(f"task {task.task_id}: recording it done", log):
-                await self._records.put(record)
-        with logged_suppress(f"task {task.task_id}: ack", log):
-            await msg.ack()
-
-    async def _publish(self, task: Task, message: bytes) -> bool:
-        try:
-            # The task span's trace context travels back with the result (no headers when untraced).
-            await self._nc.publish(task.callback.result_subject, message, headers=tracing.trace_headers())
-            await self._nc.flush(timeout=FLUSH_TIMEOUT)
-        except Exception as exc:
-            log.error("task %s: publishing its result failed (%s); it will be published again", task.task_id, exc)
-            self._note_error(f"task {task.task_id}: publishing its result failed: {exc}")
-            return False
-        return True
-
-    async def _give_back(
-        self, msg: Msg, task_id: str, reason: str, *, delay: float | None = None,
-        state: TaskRecord | None = None, requeued: bool = False,
-    ) -> None:
-        """Hand the task back without a result: it was not the task's fault, so the run does not
-        count against its attempts."""
-        delay = self._config.jetstream.retry_delay if delay is None else delay
-        self._metrics.gave_back()
-        tracing.add_event("task.given_back", {"reason": self._redactor.text(reason), "retry_in": delay})
-        log.warning("task %s given back (retry in %.0fs): %s", task_id, delay, self._redactor.text(reason))
-        if not requeued:  # a graceful stop's hand-back is no problem
-            self._note_error(f"task {task_id} given back: {reason}")
-        if state is not None:
-            state.state = "requeued" if requeued else "retrying"
-            state.retries = (state.retries or 0) + 1
-            with logged_suppress(f"task {task_id}: recording the give-back", log):
-                await self._records.put(state)
-        await self._nak(msg, delay)
-
-    async def _nak(self, msg: Msg, delay: float) -> None:
-        with logged_suppress("nak", log):
-            await msg.nak(delay=delay or None)
+        await self._answers.finish(msg, task, result, state)
 
     def _last_delivery(self, msg: Msg) -> bool:
         """Whether this is the consumer's last delivery of the message (``max_deliver``)."""
@@ -446,29 +366,6 @@ class Worker:
                 failing = True
             else:
                 failing = False
-
-    def _error_result(self, task_id: str, error: str, error_type: ErrorType) -> TaskResult:
-        return TaskResult(taskID=task_id, status=TaskStatus.ERROR, result=error, error=error, errorType=error_type)
-
-    async def _reject(self, msg: Msg, rejection: Rejection) -> None:
-        """A task that will not run: an error result where the task may be answered, else a dead letter."""
-        if rejection.result_subject is None or rejection.task_id is None:
-            self._metrics.dead_lettered()
-            await self._dead_letters.send(msg, rejection.reason)
-            return
-        log.warning("task %s rejected: %s", rejection.task_id, self._redactor.text(rejection.reason))
-        result = self._error_result(rejection.task_id, rejection.reason, ErrorType.INVALID_TASK)
-        try:
-            message = await self._publisher.encode(result.to_dict(), object_prefix=f"output/{rejection.task_id}/result")
-            await self._nc.publish(rejection.result_subject, message)
-            await self._nc.flush(timeout=FLUSH_TIMEOUT)
-        except Exception as exc:
-            log.error("task %s: publishing its rejection failed (%s)", rejection.task_id, exc)
-            await self._nak(msg, self._config.jetstream.retry_delay)
-            return
-        self._metrics.finished(result)
-        with logged_suppress(f"task {rejection.task_id}: ack", log):
-            await msg.ack()
 
 
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:

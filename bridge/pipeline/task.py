@@ -18,8 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from ocbridge.bridge.config import BridgeConfig
 from ocbridge.bridge.engines.base import AgentEvent, Engine, PromptRequest, RunOutcome
@@ -28,7 +27,6 @@ from ocbridge.bridge.observability import tracing
 from ocbridge.bridge.observability.metrics import NO_METRICS, TaskMetrics
 from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.sessions import SessionStore
-from ocbridge.bridge.workspace.git import ChangeSet, RepoState
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
 from ocbridge.bridge.workspace.paths import Workspace
 from ocbridge.bridge.workspace.prepare import WorkspaceFlow
@@ -37,9 +35,6 @@ from ocbridge.client.protocol import (
     EventSession,
     EventType,
     OcbridgeError,
-    ResultMetrics,
-    ResultSession,
-    ResultWorkspace,
     SessionGit,
     SessionState,
     Task,
@@ -50,6 +45,7 @@ from ocbridge.client.protocol import (
 )
 
 from .emitter import EventEmitter, Publish
+from .progress import Progress
 from .retry import RetryTask, retry_for, unless_unavailable
 from .stopping import LEASE_LOST, Stop, reap, relay
 
@@ -61,25 +57,6 @@ log = logging.getLogger(__name__)
 #: Seconds a stopped task gets to collect its changes after the agent was aborted (on top of
 #: twice ``abort_grace``), and a cancelled step to clean up; then it is left behind.
 _WRAP_UP = 10.0
-
-Phase = Literal["lease", "prepare", "prompt", "finish"]
-
-
-@dataclass
-class _Progress:
-    """What is known about a task so far, for the result whatever way it ends."""
-
-    workspace: Workspace | None = None
-    repo: RepoState | None = None
-    session_id: str | None = None
-    message_count: int | None = None
-    outcome: RunOutcome = field(default_factory=RunOutcome)
-    changes: ChangeSet | None = None
-    patch: str | None = None
-    #: Where the task is: a stop during the prompt aborts the agent, in any other phase it
-    #: cancels the step.
-    phase: Phase = "lease"
-
 
 class TaskPipeline:
     """Turns a :class:`Task` into a :class:`TaskResult`, publishing live events on the way."""
@@ -137,7 +114,7 @@ class TaskPipeline:
             attempt=attempt,
             headers=tracing.trace_headers(),
         )
-        progress = _Progress()
+        progress = Progress()
         status, error = TaskStatus.COMPLETED, None
         error_type: ErrorType | str | None = None
         retry: RetryTask | None = None
@@ -185,7 +162,7 @@ class TaskPipeline:
             if error is not None and status == TaskStatus.ERROR:
                 await emitter.emit(EventType.ERROR, content=self._redactor.text(error))
             await emitter.aclose()
-        result = self._result(task, status, error, error_type, progress, emitter, started)
+        result = progress.result(task, status, error, error_type, emitter, started)
         if progress.workspace is not None:
             with logged_suppress(f"task {task.task_id}: workspace clean-up", log):
                 await self._janitor.after_task(progress.workspace.path, status == TaskStatus.COMPLETED)
@@ -195,12 +172,12 @@ class TaskPipeline:
         self, task: Task, error: str, error_type: ErrorType | str, status: TaskStatus = TaskStatus.ERROR
     ) -> TaskResult:
         """A result of the usual shape for a task that could not run (e.g. its retries gave up)."""
-        return self._result(task, status, error, error_type, _Progress(), None, time.monotonic())
+        return Progress().result(task, status, error, error_type, None, time.monotonic())
 
     # ------------------------------------------------------------------------------ the steps
 
     async def _run_bounded(
-        self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: _Progress
+        self, task: Task, cancel: asyncio.Event, emitter: EventEmitter, progress: Progress
     ) -> TaskStatus:
         """Run the task's steps until they end, the deadline passes, or ``cancel`` is set."""
         stop = Stop()
@@ -239,7 +216,7 @@ class TaskPipeline:
             return stop.status()
         return body.result()
 
-    async def _steps(self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress) -> TaskStatus:
+    async def _steps(self, task: Task, stop: Stop, emitter: EventEmitter, progress: Progress) -> TaskStatus:
         progress.phase = "lease"
         async with contextlib.AsyncExitStack() as held:
             with tracing.span("session.lease"):  # the wait for the session's lease
@@ -250,7 +227,7 @@ class TaskPipeline:
             return await self._run_locked(task, stop, emitter, progress)
 
     async def _run_locked(
-        self, task: Task, stop: Stop, emitter: EventEmitter, progress: _Progress
+        self, task: Task, stop: Stop, emitter: EventEmitter, progress: Progress
     ) -> TaskStatus:
         spec = task.workspace
         with contextlib.ExitStack() as using:
@@ -314,7 +291,7 @@ class TaskPipeline:
             return status
 
     async def _open_session(
-        self, task: Task, workspace: Workspace, emitter: EventEmitter, progress: _Progress
+        self, task: Task, workspace: Workspace, emitter: EventEmitter, progress: Progress
     ) -> SessionState:
         with tracing.span("session.resolve") as resolving:
             state, reused = await self._sessions.open_or_continue(
@@ -337,7 +314,7 @@ class TaskPipeline:
         task: Task,
         stop: Stop,
         emitter: EventEmitter,
-        progress: _Progress,
+        progress: Progress,
     ) -> TaskStatus:
         """Run the prompt until it ends or the task must stop (then the agent is aborted)."""
         tools = tracing.ToolSpans.for_current_task()  # None unless traced
@@ -397,40 +374,3 @@ class TaskPipeline:
 
     def _timeout(self, task: Task) -> float:
         return task.timeout / 1000 if task.timeout else self._config.default_task_timeout
-
-    def _result(
-        self,
-        task: Task,
-        status: TaskStatus,
-        error: str | None,
-        error_type: ErrorType | str | None,
-        progress: _Progress,
-        emitter: EventEmitter | None,
-        started: float,
-    ) -> TaskResult:
-        outcome, workspace, changes = progress.outcome, progress.workspace, progress.changes
-        return TaskResult(
-            taskID=task.task_id,
-            status=status,
-            result=outcome.text or (error or ""),
-            session=ResultSession(
-                name=task.session.name, opencodeID=progress.session_id or None, messageCount=progress.message_count
-            ),
-            workspace=ResultWorkspace(
-                name=task.workspace.name,
-                path=str(workspace.path) if workspace else None,
-                git=changes.result_git() if changes else None,
-            ),
-            metrics=ResultMetrics(
-                duration=int((time.monotonic() - started) * 1000),
-                promptTokens=outcome.prompt_tokens,
-                completionTokens=outcome.completion_tokens,
-                toolCalls=max(outcome.tool_calls, emitter.tool_calls if emitter else 0),
-                streamEvents=emitter.count if emitter else 0,
-                cost=outcome.cost,
-            ),
-            error=error,
-            errorType=error_type,
-            changes=changes.changes if changes else None,
-            patch=progress.patch,
-        )
