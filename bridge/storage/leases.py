@@ -11,8 +11,10 @@ How it works (any :class:`~.stores.KeyValueStore` with the atomic operations):
   (measured on its own monotonic clock) takes the lease over with ``update`` on that revision; only
   one waiter can win. In the sidecar the lease bucket's ``max_age`` is the TTL as well, so NATS
   removes a lease nobody refreshed even when nobody waits for it.
-- **Dead holder**: a lease records its holder's process (:mod:`.liveness`); a holder on the same
-  host and pid namespace whose process is gone (SIGKILL, a crash) is taken over at once.
+- **Abandoned**: a lease records its holder's process (:mod:`.liveness`); a holder on the same
+  host and pid namespace whose process is gone (SIGKILL, a crash) is taken over at once. So is a
+  lease of this very holder that nothing in this process holds: a ``create`` whose reply was lost
+  (NATS restarting) left it behind.
 - **Lost**: a refresh that finds another revision (taken over, or expired on the server), or no
   successful refresh for ``ttl`` seconds, means another holder may run now: ``on_lost`` is called
   and the holder must stop its work.
@@ -26,6 +28,7 @@ Stores: a dedicated NATS KV bucket in the sidecar (see :data:`LEASE_BUCKET_SETTI
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -42,6 +45,11 @@ from .liveness import process_identity, provably_dead
 from .stores import KeyValueStore, RevisionMismatch
 
 log = logging.getLogger(__name__)
+
+#: ``(holder, key)`` of the leases this process holds or is creating right now, with a count (two
+#: copies of one task may try at once). A lease of ours in the store that is not counted here was
+#: left behind by an attempt whose reply was lost.
+_IN_USE: collections.Counter[tuple[str, str]] = collections.Counter()
 
 #: Seconds a lease lives without a refresh (a holder that died frees its session after this).
 DEFAULT_TTL = 30.0
@@ -108,30 +116,50 @@ class SessionLeases:
         In a store whose keys expire with the lease TTL (the sidecar's lease bucket), an existing
         key means its holder refreshed it within the TTL: it is alive, or died moments ago.
         """
+        mark = (self.holder, key)
+        if _IN_USE[mark]:  # held here already (another copy of the same work)
+            yield None
+            return
         value = self._value(owner)
-        try:
-            lease = Lease(key, owner, value, await self.store.create(key, value))
-        except RevisionMismatch:
-            lease = await self._take_from_dead(key, owner, value, await self.store.entry(key))
+        lease = await self._create(key, owner, value)
+        if lease is None:
+            lease = await self._take_abandoned(key, owner, value, await self.store.entry(key))
             if lease is None:
                 yield None
                 return
         async with self._holding(lease, on_lost):
             yield lease
 
-    async def _take_from_dead(
+    async def _create(self, key: str, owner: str, value: bytes) -> Lease | None:
+        """``create`` the key; ``None`` when it exists. Counted in use from before the call, so that
+        a create whose reply is lost is never mistaken for an abandoned lease while it runs."""
+        mark = (self.holder, key)
+        _IN_USE[mark] += 1
+        try:
+            return Lease(key, owner, value, await self.store.create(key, value))
+        except RevisionMismatch:
+            _forget(mark)
+            return None
+        except BaseException:
+            _forget(mark)
+            raise
+
+    async def _take_abandoned(
         self, key: str, owner: str, value: bytes, current: tuple[bytes, int] | None
     ) -> Lease | None:
         """Take ``key`` (``current``: its value and revision) over when its holder's process is
-        provably gone; ``None`` otherwise."""
-        if current is None or not provably_dead(_field(current[0], "process")):
+        provably gone, or when it is this holder's own and nothing here holds it; ``None`` otherwise."""
+        if current is None:
             return None
-        try:
-            revision = await self.store.update(key, value, current[1])
-        except RevisionMismatch:
+        mark = (self.holder, key)
+        ours = (_field(current[0], "holder") == self.holder and _field(current[0], "process") == process_identity()
+                and not _IN_USE[mark])
+        if not ours and not provably_dead(_field(current[0], "process")):
+            return None
+        if (revision := await self._update(key, value, current[1])) is None:
             return None  # changed meanwhile: refreshed, released or taken by another waiter
-        log.warning("%s took over the lease on %r: its holder (%s) is no longer running",
-                    owner, key, _describe(current[0]))
+        why = "left behind by an attempt of its own" if ours else "its holder is no longer running"
+        log.warning("%s took over the lease on %r (%s): %s", owner, key, _describe(current[0]), why)
         return Lease(key, owner, value, revision)
 
     @contextlib.asynccontextmanager
@@ -143,8 +171,11 @@ class SessionLeases:
         finally:
             stopping.set()
             await asyncio.wait({refresher})
-            if not lease.lost.is_set():
-                await self._release(lease)
+            try:
+                if not lease.lost.is_set():
+                    await self._release(lease)
+            finally:
+                _forget((self.holder, lease.key))
 
     def _value(self, owner: str) -> bytes:
         return json.dumps({
@@ -157,22 +188,18 @@ class SessionLeases:
         seen: tuple[int, float] | None = None  # (revision, when first seen at it)
         delay = 0.02
         while True:
-            try:
-                return Lease(key, owner, value, await self.store.create(key, value))
-            except RevisionMismatch:
-                pass
+            if (created := await self._create(key, owner, value)) is not None:
+                return created
             current = await self.store.entry(key)
             if current is None:
                 continue  # released (or expired) meanwhile: try again at once
-            if (taken := await self._take_from_dead(key, owner, value, current)) is not None:
+            if (taken := await self._take_abandoned(key, owner, value, current)) is not None:
                 return taken
             if _owner(current[0]) == owner:
                 # Held by an earlier run of the same owner (a task whose sidecar died: only one
                 # copy of a task runs at a time, so that run is gone): take it back at once
                 # instead of waiting out the TTL.
-                try:
-                    revision = await self.store.update(key, value, current[1])
-                except RevisionMismatch:
+                if (revision := await self._update(key, value, current[1])) is None:
                     continue
                 log.info("%s took back the lease on %r from its own earlier run", owner, key)
                 return Lease(key, owner, value, revision)
@@ -182,9 +209,7 @@ class SessionLeases:
                     log.info("%s waits for the lease on %r held by %s", owner, key, _describe(current[0]))
                 seen = (current[1], now)
             elif now - seen[1] >= self.ttl:
-                try:
-                    revision = await self.store.update(key, value, current[1])
-                except RevisionMismatch:
+                if (revision := await self._update(key, value, current[1])) is None:
                     seen = None
                     continue
                 log.warning("%s took over the lease on %r: %s did not refresh it for %.0fs",
@@ -192,6 +217,19 @@ class SessionLeases:
                 return Lease(key, owner, value, revision)
             await self._wait_release(key, delay)
             delay = min(delay * 2, self._poll)
+
+    async def _update(self, key: str, value: bytes, revision: int) -> int | None:
+        """Take ``key`` over at ``revision`` (counted in use); ``None`` when it changed meanwhile."""
+        mark = (self.holder, key)
+        _IN_USE[mark] += 1
+        try:
+            return await self.store.update(key, value, revision)
+        except RevisionMismatch:
+            _forget(mark)
+            return None
+        except BaseException:
+            _forget(mark)
+            raise
 
     async def _wait_release(self, key: str, delay: float) -> None:
         released = asyncio.Event()
@@ -251,6 +289,12 @@ class SessionLeases:
             return False
         lease.revision = current[1]
         return True
+
+
+def _forget(mark: tuple[str, str]) -> None:
+    _IN_USE[mark] -= 1
+    if _IN_USE[mark] <= 0:
+        del _IN_USE[mark]
 
 
 def _field(value: bytes, name: str) -> object:

@@ -233,3 +233,45 @@ def test_this_process_and_a_reused_pid_are_told_apart():
     mine = process_identity()
     assert provably_dead(mine) is False
     assert provably_dead({**mine, "start": str(int(mine["start"]) - 1)}) is True  # pid reused since
+
+
+class LostReply:
+    """Wraps a store: the next ``create`` is stored but its caller gets a timeout (NATS restarting)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.lose_next = True
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def create(self, key: str, value: bytes) -> int:
+        revision = await self.inner.create(key, value)
+        if self.lose_next:
+            self.lose_next = False
+            raise TimeoutError("nats: timeout")
+        return revision
+
+
+async def test_a_lease_left_by_a_create_whose_reply_was_lost_is_taken_back_at_once(store):
+    leases = SessionLeases(LostReply(store), ttl=3600, holder="sidecar-1")
+    with pytest.raises(TimeoutError):
+        async with leases.try_hold("t", owner="task 1"):
+            pass
+    assert await store.entry("t") is not None  # stored, and nobody refreshes it
+    async with asyncio.timeout(5):
+        async with leases.try_hold("t", owner="task 1") as lease:
+            assert lease is not None
+            # While it is held here, another copy of the same work is told to wait.
+            async with leases.try_hold("t", owner="task 1") as copy:
+                assert copy is None
+    assert await store.entry("t") is None
+
+
+async def test_another_holders_live_lease_is_never_taken_as_abandoned(store):
+    first = SessionLeases(store, ttl=3600, holder="sidecar-1")
+    second = SessionLeases(store, ttl=3600, holder="sidecar-2")  # same process, another sidecar
+    async with first.try_hold("t", owner="task 1") as held:
+        assert held is not None
+        async with second.try_hold("t", owner="task 1") as other:
+            assert other is None
