@@ -36,7 +36,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ocbridge.bridge.logs import logged_suppress
@@ -133,16 +133,8 @@ class SessionLeases:
     async def _create(self, key: str, owner: str, value: bytes) -> Lease | None:
         """``create`` the key; ``None`` when it exists. Counted in use from before the call, so that
         a create whose reply is lost is never mistaken for an abandoned lease while it runs."""
-        mark = (self.holder, key)
-        _IN_USE[mark] += 1
-        try:
-            return Lease(key, owner, value, await self.store.create(key, value))
-        except RevisionMismatch:
-            _forget(mark)
-            return None
-        except BaseException:
-            _forget(mark)
-            raise
+        revision = await self._counted(key, self.store.create(key, value))
+        return Lease(key, owner, value, revision) if revision is not None else None
 
     async def _take_abandoned(
         self, key: str, owner: str, value: bytes, current: tuple[bytes, int] | None
@@ -220,10 +212,15 @@ class SessionLeases:
 
     async def _update(self, key: str, value: bytes, revision: int) -> int | None:
         """Take ``key`` over at ``revision`` (counted in use); ``None`` when it changed meanwhile."""
+        return await self._counted(key, self.store.update(key, value, revision))
+
+    async def _counted(self, key: str, write: Awaitable[int]) -> int | None:
+        """Run a conditional ``write`` of ``key`` counted in use (kept when it succeeds: the caller
+        then holds the lease); ``None`` when the key was not as expected."""
         mark = (self.holder, key)
         _IN_USE[mark] += 1
         try:
-            return await self.store.update(key, value, revision)
+            return await write
         except RevisionMismatch:
             _forget(mark)
             return None
