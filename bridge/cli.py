@@ -24,7 +24,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "offline_model": args.offline_model,
         "data_dir": args.data_dir,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
+    if args.http_port is not None:
+        overrides["observability"] = {"http_port": args.http_port}
     if args.nats_url:
         overrides["nats"] = {"url": args.nats_url}
     if args.opencode_url:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--opencode-url", help="use a running opencode serve instead of starting one")
     serve.add_argument("--data-dir", help="private state folder (env OCBRIDGE_DATA_DIR)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (env OCBRIDGE_LOG_LEVEL)")
+    serve.add_argument("--log-format", choices=["auto", "text", "json"], help="env OCBRIDGE_LOG_FORMAT")
+    serve.add_argument("--http-port", type=int,
+                       help="serve /healthz, /readyz, /metrics on this port, 0 for a free one (env OCBRIDGE_HTTP_PORT)")
 
     model = sub.add_parser("offline-model", help="serve the offline scripted model", add_help=False)
     model.add_argument("args", nargs=argparse.REMAINDER)

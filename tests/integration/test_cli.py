@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -105,3 +110,34 @@ def test_serve_rejects_a_bad_config_with_the_key_named(tmp_path):
     bad.write_text("concurrency: 0\n")
     done = subprocess.run([OCBRIDGE, "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "concurrency" in done.stderr
+
+
+def test_serve_http_port_flag_serves_health_and_metrics(tmp_path):
+    """``ocbridge serve --http-port 0 --log-format text`` logs where it listens before NATS is
+    reached: /healthz answers, /readyz says NATS is missing (nothing listens on port 1), and SIGTERM
+    stops it while it still waits for NATS."""
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [OCBRIDGE, "serve", "--http-port", "0", "--log-format", "text", "--nats-url", "nats://127.0.0.1:1",
+             "--workspace-root", str(tmp_path / "ws"), "--data-dir", str(tmp_path / "data")],
+            stderr=log_file, stdout=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            found = re.search(r"(http://127\.0\.0\.1:\d+) \(/healthz", log_path.read_text(errors="replace"))
+            url = found.group(1) if found else None
+            time.sleep(0.1)
+        assert url, log_path.read_text(errors="replace")
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            assert response.status == 200
+        try:  # NATS at port 1 is unreachable: not ready, and it says why
+            urllib.request.urlopen(url + "/readyz", timeout=10)
+            raise AssertionError("/readyz answered 200 without NATS")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503 and "nats" in exc.read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
