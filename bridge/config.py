@@ -33,6 +33,15 @@ ENV_PREFIX = "OCBRIDGE_"
 #: The variable naming the YAML file (not a setting itself).
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
+#: ``OCBRIDGE_*`` variables that are no setting but belong to the project's own tools, so are
+#: never reported as misspelt settings: where binaries are looked for, the image's entry
+#: (``OCBRIDGE_INIT=false`` skips ``ocbridge init``), ``scripts/image``, and the markers the sidecar
+#: puts into its children's environment.
+ENV_NOT_SETTINGS = frozenset({
+    "CONFIG", "TOOLS_DIR", "INIT", "IMAGE", "IMAGE_BASE", "IMAGE_TAG", "DEBIAN_MIRROR",
+    "CLI_RUN", "OPENCODE_MARKER", "GIT_SECRET", "GIT_ORIGIN", "GIT_USERNAME",
+})
+
 #: Short environment names for the settings people set most.
 ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
     "NATS_URL": ("nats", "url"),
@@ -225,7 +234,8 @@ class _EnvSource(EnvSettingsSource):
         found: dict[str, str | None] = {
             name.lower(): value for name, value in self._environ.items() if name.lower().startswith(prefix)
         }
-        found.pop(CONFIG_ENV.lower(), None)
+        for name in ENV_NOT_SETTINGS:
+            found.pop(prefix + name.lower(), None)
         # A short name wins over the ``__`` spelling of the same key.
         for short, path in ENV_SHORTCUTS.items():
             if (value := found.pop(prefix + short.lower(), None)) is not None:

@@ -90,6 +90,13 @@ def test_unknown_environment_names_are_errors(name, key):
     assert str(caught.value) == f"invalid configuration: {key}: Extra inputs are not permitted"
 
 
+def test_the_projects_own_tool_variables_are_no_misspelt_settings():
+    # The image's entry, binary lookup and scripts/image read these; serve must start beside them.
+    environ = {"OCBRIDGE_INIT": "false", "OCBRIDGE_TOOLS_DIR": "/opt/tools", "OCBRIDGE_IMAGE": "x",
+               "OCBRIDGE_CONCURRENCY": "3"}
+    assert load_config(environ=environ).concurrency == 3
+
+
 def test_environment_errors_name_the_key():
     with pytest.raises(ConfigError) as caught:
         load_config(environ={"OCBRIDGE_CONCURRENCY": "zero", "OCBRIDGE_CONCURRENCY__X": "1"})
