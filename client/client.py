@@ -1,8 +1,12 @@
-"""``CodingClient``: the Station-side API for submitting coding tasks to sidecars over NATS."""
+"""``CodingClient``: the Station-side API for submitting coding tasks to sidecars over NATS.
+
+It builds, publishes, watches and cancels tasks, runs workspace operations and reads what the
+sidecars keep (task records, sessions, artifacts). A task's live side is its :class:`TaskHandle`
+(:mod:`.handle`); the reads and writes of JetStream storage underneath are :mod:`.store`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -10,9 +14,8 @@ import weakref
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
 from nats.js import api
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from ocbridge.client.protocol import (
@@ -33,7 +36,6 @@ from ocbridge.client.protocol import (
     kv_key,
     record_key,
 )
-from ocbridge.client.protocol.spill import restore as restore_spilled
 
 from . import tracing
 from .connection import NatsOptions, connect
@@ -47,6 +49,7 @@ from .handle import (
     TaskState,
 )
 from .kv import get_json, list_keys
+from .store import ClientStore
 from .streams import DEFAULT_MAX_AGE, ensure_task_stream
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,7 @@ class CodingClient:
         self.naming = naming or Naming()
         self._owns = owns_connection
         self._js = nc.jetstream()
-        self._buckets: dict[str, KeyValue] = {}
-        self._msg_ttl: dict[str, bool] = {}
-        self._keeps_acked: dict[str, bool] = {}
+        self._store = ClientStore(self._js)
         self.max_buffered_events = max_buffered_events
         self.max_buffered_bytes = max_buffered_bytes
         self.late_event_grace = late_event_grace
@@ -272,22 +273,7 @@ class CodingClient:
 
     async def _put_expiring(self, bucket: str, key: str, value: bytes, ttl: float) -> None:
         """Put ``key`` so that it disappears after ``ttl`` seconds (see :meth:`cancel`)."""
-        kv = await self._bucket(bucket)
-        if bucket not in self._msg_ttl:
-            config = (await kv.status()).stream_info.config
-            # A bucket TTL already expires every key; a message TTL needs the stream's permission.
-            self._msg_ttl[bucket] = not config.max_age and bool(config.allow_msg_ttl)
-            if not config.max_age and not config.allow_msg_ttl:
-                log.info("bucket %s has no TTL and refuses message TTLs: cancel keys stay until a sidecar "
-                         "deletes them", bucket)
-        if self._msg_ttl[bucket]:
-            try:
-                await self._js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=max(1, int(ttl)))
-                return
-            except APIError as exc:
-                log.info("bucket %s refused a message TTL (%s); putting %s without one", bucket, exc, key)
-                self._msg_ttl[bucket] = False
-        await kv.put(key, value)
+        await self._store.put_expiring(bucket, key, value, ttl)
 
     async def task_record(self, task_id: str) -> TaskRecord | None:
         """The task's record (its result's spilled fields read back), or ``None`` when there is none
@@ -310,45 +296,8 @@ class CodingClient:
 
         ``where``: the (stream, sequence) the task was published at, when known; else the stream
         is searched."""
-        js = self._js
-        try:
-            if where is not None:
-                stream = where[0]
-                if await self._keeps_acknowledged(stream):
-                    return None
-                try:
-                    return _is_task_message(await js.get_msg(stream, where[1]), task_id)
-                except NotFoundError:
-                    return False
-            try:
-                stream = await js.find_stream_name_by_subject(self.naming.task_subject)
-            except NotFoundError:
-                return False
-            info = await js.stream_info(stream)
-            self._keeps_acked[stream] = info.config.retention == api.RetentionPolicy.LIMITS
-            if self._keeps_acked[stream]:
-                return None
-            seq = info.state.first_seq
-            for _ in range(min(info.state.messages, self.queue_scan_limit)):
-                try:
-                    msg = await js.get_msg(stream, seq, subject=self.naming.task_subject, next=True)
-                except NotFoundError:
-                    return False
-                if _is_task_message(msg, task_id):
-                    return True
-                seq = (msg.seq or seq) + 1
-            return False if info.state.messages <= self.queue_scan_limit else None
-        except (TimeoutError, NatsError) as exc:
-            log.debug("task %s: cannot search the task stream: %r", task_id, exc)
-            return None
-
-    async def _keeps_acknowledged(self, stream: str) -> bool:
-        """Whether ``stream`` keeps tasks after they are acknowledged (limits retention): then a
-        task found there may have finished long ago. Ours is a work queue, which does not."""
-        if stream not in self._keeps_acked:
-            info = await self._js.stream_info(stream)
-            self._keeps_acked[stream] = info.config.retention == api.RetentionPolicy.LIMITS
-        return self._keeps_acked[stream]
+        return await self._store.is_queued(self.naming.task_subject, task_id, where,
+                                           scan_limit=self.queue_scan_limit)
 
     # ------------------------------------------------------------------------------- spilling
 
@@ -356,34 +305,7 @@ class CodingClient:
         """``payload`` with its spilled fields read back from the object store (see
         :mod:`client.protocol.spill`). Never raises: a field whose object is missing, unreadable or
         not read within ``spill_timeout`` stays out and listed in ``spilled`` (and is logged)."""
-        spilled = payload.get("spilled")
-        if not spilled or not isinstance(spilled, dict):
-            return payload
-        names = {str(name) for name in spilled.values()}
-        objects: dict[str, bytes | None] = dict.fromkeys(names)
-        problem = "missing"
-        try:
-            async with asyncio.timeout(self.spill_timeout):
-                store = await self._js.object_store(self.naming.object_store)
-                for name in names:
-                    try:
-                        data = (await store.get(name)).data
-                    except NotFoundError:
-                        continue
-                    objects[name] = data if _spilled_value_ok(data) else None
-        except NotFoundError:
-            problem = f"object store {self.naming.object_store} does not exist"
-        except TimeoutError:
-            problem = f"not read within {self.spill_timeout:.0f}s"
-        except NatsError as exc:
-            problem = f"unreadable ({exc.__class__.__name__})"
-        restored = restore_spilled(payload, objects)
-        if restored.get("spilled"):
-            log.warning("%s %s: spilled field(s) %s not read back from object store %s (%s)",
-                        "task" if "taskID" in payload else "op", payload.get("taskID") or payload.get("op"),
-                        ", ".join(f"{k} ({v})" for k, v in restored["spilled"].items()),
-                        self.naming.object_store, problem)
-        return restored
+        return await self._store.unspill(self.naming.object_store, payload, timeout=self.spill_timeout)
 
     # ------------------------------------------------------------------------------- operations
 
@@ -453,28 +375,8 @@ class CodingClient:
         return await self._bucket(self.naming.tasks_bucket)
 
     async def _bucket(self, name: str) -> KeyValue:
-        if name not in self._buckets:
-            self._buckets[name] = await self._js.key_value(name)
-        return self._buckets[name]
+        return await self._store.bucket(name)
 
-
-
-def _is_task_message(msg: api.RawStreamMsg, task_id: str) -> bool:
-    if (msg.headers or {}).get("Nats-Msg-Id") == task_id:
-        return True
-    try:
-        body = json.loads(msg.data or b"")
-    except ValueError:
-        return False
-    return isinstance(body, dict) and body.get("taskID") == task_id
-
-
-def _spilled_value_ok(data: bytes) -> bool:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return False
-    return isinstance(value, dict) and "value" in value
 
 
 __all__ = ["CodingClient", "TaskHandle", "TaskNotFound", "TaskState"]

@@ -35,6 +35,9 @@ neither holds, :meth:`CodingClient.watch` raises :class:`TaskNotFound` at once, 
 has heard nothing for ``presence_interval`` seconds checks again: a task that has vanished ends
 ``result()`` and the iteration with :class:`TaskNotFound` instead of waiting for ever, and a result
 missed in transit (the client was reconnecting) is taken from the record.
+
+The ordering and buffering rules are applied by :mod:`.event_buffer`; the task's states, its
+look-up and the background checks are :mod:`.presence`.
 """
 
 from __future__ import annotations
@@ -45,14 +48,15 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from ocbridge.client.protocol import OcbridgeError, StreamEvent, TaskRecord, TaskResult, ValidationError
+from ocbridge.client.protocol import StreamEvent, TaskRecord, TaskResult, ValidationError
 
 from . import tracing
+from .event_buffer import EventBuffer
+from .presence import PresenceWatch, TaskNotFound, TaskState, locate
 
 if TYPE_CHECKING:
     from .client import CodingClient
@@ -65,51 +69,6 @@ DEFAULT_MAX_BUFFERED_EVENTS = 10_000
 DEFAULT_MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 DEFAULT_LATE_EVENT_GRACE = 2.0
 DEFAULT_PRESENCE_INTERVAL = 10.0
-
-
-class TaskState(StrEnum):
-    """Where a task is, as :meth:`TaskHandle.status` finds it (arq's ``JobStatus``)."""
-
-    #: In the task stream; no sidecar has started it yet.
-    QUEUED = "queued"
-    #: A sidecar runs it.
-    RUNNING = "running"
-    #: A sidecar gave it back (engine down, sidecar stopping); it waits to run again.
-    RETRYING = "retrying"
-    #: Its result is decided (and kept in its record).
-    COMPLETE = "complete"
-    #: Neither queued nor recorded: never submitted, dead-lettered, or its record expired.
-    NOT_FOUND = "not_found"
-    #: No record, and the task stream could not be searched (too long, or not allowed).
-    UNKNOWN = "unknown"
-
-
-_RECORD_STATES = {
-    "running": TaskState.RUNNING,
-    "requeued": TaskState.RETRYING,
-    "retrying": TaskState.RETRYING,
-    "publishing": TaskState.COMPLETE,
-    "done": TaskState.COMPLETE,
-}
-
-
-class TaskNotFound(OcbridgeError, LookupError):
-    """The task is neither queued nor recorded (arq's ``ResultNotFound``)."""
-
-    default_error_type = "not_found"
-
-    def __init__(self, task_id: str, detail: str | None = None) -> None:
-        self.task_id = task_id
-        super().__init__(
-            f"task {task_id} not found: it is not queued and has no record "
-            f"({detail or 'never submitted, dead-lettered, or its record expired with the tasks bucket TTL'})"
-        )
-
-
-def state_of(record: TaskRecord) -> TaskState:
-    if record.result is not None:
-        return TaskState.COMPLETE
-    return _RECORD_STATES.get(record.state, TaskState.RUNNING)
 
 
 class TaskHandle:
@@ -142,32 +101,22 @@ class TaskHandle:
         self.result_subject = result_subject
         self._client = client
         self._loop = asyncio.get_running_loop()
-        self._max_events = max(1, max_buffered_events)
-        self._max_bytes = max(1, max_buffered_bytes)
         self._grace = late_event_grace
         self._presence_interval = presence_interval
         #: (stream, sequence) of the task message when this client published it.
         self._queued_at = queued_at
 
         self._result: asyncio.Future[TaskResult] = self._loop.create_future()
-        self._buffer: deque[tuple[StreamEvent, int]] = deque()
-        self._buffered_bytes = 0
+        self._backlog = EventBuffer(task_id, max_buffered_events, max_buffered_bytes)
         self._wakeup = asyncio.Event()
-        self._attempt = 0
-        self._last_seq = 0
         self._finished = False
         self._grace_timer: asyncio.TimerHandle | None = None
         self._events_sub: Any = None
         self._result_sub: Any = None
         self._events_wanted = False
         self._closed = False
-        self._watchdog: asyncio.Task | None = None
-        self._rechecking: asyncio.Future | None = None
+        self._presence = PresenceWatch(task_id, self._check_presence, settled=self._result.done)
         self._closing: asyncio.Task | None = None
-        self._last_activity = self._loop.time()
-        self._warned_overflow = False
-        self.dropped_events = 0
-        self.ignored_events = 0
         #: W3C headers of this client's ``client.submit`` span, and the sidecar's task span's
         #: ``traceparent`` from its events or result (see :mod:`.tracing`).
         self._submit_headers: dict[str, str] | None = None
@@ -182,7 +131,7 @@ class TaskHandle:
             self._events_sub = await nc.subscribe(self.stream_subject, cb=self._on_event)
         self._result_sub = await nc.subscribe(self.result_subject, cb=self._on_result)
         if self._presence_interval:
-            self._watchdog = asyncio.ensure_future(self._watch_presence())
+            self._presence.watch(self._presence_interval)
 
     async def _subscribe_events_late(self) -> None:
         """A handle made without events is iterated: follow its events from now on."""
@@ -194,7 +143,7 @@ class TaskHandle:
     # ------------------------------------------------------------------------------ callbacks
 
     async def _on_event(self, msg: Msg) -> None:
-        self._last_activity = self._loop.time()
+        self._presence.heard()
         headers = getattr(msg, "headers", None)  # None: sent without headers (Station, untraced)
         if headers:
             self._note_trace(headers)
@@ -211,39 +160,8 @@ class TaskHandle:
 
     def _accept(self, event: StreamEvent, size: int) -> None:
         """Buffer ``event`` unless it is a duplicate or stale; the ordering rules of the module doc."""
-        if self._finished:
-            return
-        attempt = event.attempt
-        if attempt is None:
-            # A Station-era sidecar: no attempt field, seq starts over at 1 on a new attempt.
-            attempt = self._attempt or 1
-            if event.seq == 1 and self._last_seq >= 1:
-                attempt += 1
-        if (attempt, event.seq) <= (self._attempt, self._last_seq):
-            self.ignored_events += 1
-            return
-        if attempt > self._attempt and self._attempt:
-            self.ignored_events += len(self._buffer)
-            self._buffer.clear()
-            self._buffered_bytes = 0
-            log.info("task %s: attempt %d started; events of attempt %d are superseded",
-                     self.task_id, attempt, self._attempt)
-        self._attempt, self._last_seq = attempt, event.seq
-        if event.attempt != attempt:
-            event = event.model_copy(update={"attempt": attempt})
-        self._buffer.append((event, size))
-        self._buffered_bytes += size
-        while len(self._buffer) > 1 and (
-            len(self._buffer) > self._max_events or self._buffered_bytes > self._max_bytes
-        ):
-            _, dropped = self._buffer.popleft()
-            self._buffered_bytes -= dropped
-            self.dropped_events += 1
-            if not self._warned_overflow:
-                self._warned_overflow = True
-                log.warning("task %s: event buffer full (%d events, %d bytes); dropping the oldest unread events",
-                            self.task_id, self._max_events, self._max_bytes)
-        self._wakeup.set()
+        if not self._finished and self._backlog.accept(event, size):
+            self._wakeup.set()
 
     def _note_trace(self, headers: dict[str, str]) -> None:
         parent = headers.get("traceparent")
@@ -251,7 +169,7 @@ class TaskHandle:
             self.traceparent = parent
 
     async def _on_result(self, msg: Msg) -> None:
-        self._last_activity = self._loop.time()
+        self._presence.heard()
         if self._result.done():
             return  # exactly one result counts; a re-published copy changes nothing
         headers = getattr(msg, "headers", None)
@@ -306,7 +224,7 @@ class TaskHandle:
             return
         expected = self._result.result().metrics.stream_events
         in_flight = getattr(self._events_sub, "pending_msgs", 0) if self._events_sub is not None else 0
-        if self._last_seq >= expected and not in_flight:
+        if self._backlog.last_seq >= expected and not in_flight:
             self._finish()
 
     def _finish(self) -> None:
@@ -317,10 +235,10 @@ class TaskHandle:
             self._grace_timer.cancel()
             self._grace_timer = None
         if self._result.done() and self._result.exception() is None:
-            missing = self._result.result().metrics.stream_events - self._last_seq
+            missing = self._result.result().metrics.stream_events - self._backlog.last_seq
             if self._events_sub is not None and missing > 0:
                 log.info("task %s: result reports %d events of attempt %d; %d never arrived",
-                         self.task_id, self._result.result().metrics.stream_events, self._attempt, missing)
+                         self.task_id, self._result.result().metrics.stream_events, self._backlog.attempt, missing)
         self._wakeup.set()
         self._schedule_close()
 
@@ -333,22 +251,7 @@ class TaskHandle:
 
     async def _lookup(self) -> tuple[TaskState, TaskRecord | None]:
         """Where the task is: its record, else whether it waits in the task stream."""
-        client = self._client
-        try:
-            record = await client.task_record(self.task_id)
-        except ValidationError:
-            return TaskState.UNKNOWN, None
-        if record is not None:
-            return state_of(record), record
-        queued = await client.is_queued(self.task_id, self._queued_at)
-        if queued:
-            return TaskState.QUEUED, None
-        # It may have finished between the two reads: a record is written before a task leaves the stream.
-        with contextlib.suppress(ValidationError):
-            record = await client.task_record(self.task_id)
-        if record is not None:
-            return state_of(record), record
-        return (TaskState.NOT_FOUND if queued is False else TaskState.UNKNOWN), None
+        return await locate(self._client, self.task_id, self._queued_at)
 
     def _apply(self, state: TaskState, record: TaskRecord | None) -> None:
         if record is not None and record.result is not None:
@@ -362,30 +265,12 @@ class TaskHandle:
 
     def recheck(self) -> None:
         """Look the task up again soon (the client calls this after a NATS reconnect)."""
-        if self._result.done() or self._closed or (self._rechecking and not self._rechecking.done()):
+        if self._result.done() or self._closed:
             return
-        self._rechecking = asyncio.ensure_future(self._recheck_soon())
+        self._presence.recheck(self.RECHECK_AFTER_RECONNECT)
 
-    async def _recheck_soon(self) -> None:
-        for delay in self.RECHECK_AFTER_RECONNECT:
-            await asyncio.sleep(delay)
-            if self._result.done():
-                return
-            try:
-                self._apply(*await self._lookup())
-            except Exception as exc:
-                log.debug("task %s: check after reconnect failed: %r", self.task_id, exc)
-
-    async def _watch_presence(self) -> None:
-        assert self._presence_interval
-        while not self._result.done():
-            await asyncio.sleep(self._presence_interval)
-            if self._result.done() or self._loop.time() - self._last_activity < self._presence_interval:
-                continue
-            try:
-                self._apply(*await self._lookup())
-            except Exception as exc:  # a failed check is retried at the next interval
-                log.debug("task %s: presence check failed: %r", self.task_id, exc)
+    async def _check_presence(self) -> None:
+        self._apply(*await self._lookup())
 
     # ------------------------------------------------------------------------------ public API
 
@@ -404,7 +289,26 @@ class TaskHandle:
     @property
     def attempt(self) -> int | None:
         """The latest attempt whose events were seen (``None`` before any event)."""
-        return self._attempt or None
+        return self._backlog.attempt or None
+
+    @property
+    def dropped_events(self) -> int:
+        """Events dropped unread because the buffer was full."""
+        return self._backlog.dropped
+
+    @property
+    def ignored_events(self) -> int:
+        """Duplicates, and events of superseded attempts."""
+        return self._backlog.ignored
+
+    @property
+    def _buffer(self) -> deque[tuple[StreamEvent, int]]:
+        # The unread (event, size) pairs, oldest first; the buffer itself is self._backlog.
+        return self._backlog.events
+
+    @property
+    def _buffered_bytes(self) -> int:
+        return self._backlog.bytes
 
     async def result(self, timeout: float | None = None) -> TaskResult:
         """Wait for the task's single result, its spilled fields read back from the object store
@@ -424,9 +328,8 @@ class TaskHandle:
             await self._subscribe_events_late()
         deadline = None if timeout is None else self._loop.time() + timeout
         while True:
-            if self._buffer:
-                event, size = self._buffer.popleft()
-                self._buffered_bytes -= size
+            event = self._backlog.pop()
+            if event is not None:
                 yield event
                 continue
             if self._finished:
@@ -475,10 +378,7 @@ class TaskHandle:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
-        if self._rechecking is not None and self._rechecking is not asyncio.current_task():
-            self._rechecking.cancel()
+        self._presence.stop()
         subs, self._events_sub, self._result_sub = [self._events_sub, self._result_sub], None, None
         for sub in subs:
             if sub is not None:

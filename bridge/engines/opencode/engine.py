@@ -1,10 +1,10 @@
 """The OpenCode HTTP engine: drives ``opencode serve`` through its HTTP API and event stream.
 
-A run registers for its session's events, sends the prompt with ``prompt_async`` (carrying our
-own message id, so the run knows its user message), relays events as they come, ends on
-``session.idle`` (or, as a safety net, when ``GET /session/status`` and the history say so) and
-builds its outcome from what the stream told it, or from the session history when the stream may
-have missed something (a reconnect, a queue overflow, an error or an abort).
+This module holds the engine's lifecycle, its sessions and directories, the sending of prompts
+(with a retry when the managed server was restarted), the MCP tools registration, the policy
+answers to permission requests and the reaper. A run registers for its session's events, then
+sends the prompt with ``prompt_async`` (carrying our own message id, so the run knows its user
+message); :mod:`.follow` relays its events until it is over and builds its outcome.
 
 Failures that are not the task's fault raise :class:`EngineUnavailable` (the task is given back and
 tried again later): the server down or being restarted, the event stream not connected, the
@@ -19,7 +19,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,18 +34,18 @@ from ocbridge.bridge.engines.base import (
 )
 from ocbridge.bridge.engines.names import check_opencode_session
 
-from .api import RETRY_SERVER, RETRY_STORE, STORE_BUSY, OpenCodeAPI, ServerUnreachable, new_message_id
+from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, new_message_id
 from .directories import DirectoryTracker, dir_key
-from .events import GAP, SERVER_LOST, Event, EventHub, Subscription
+from .events import SERVER_LOST, Event, EventHub, Subscription
+from .follow import RunFollower
 from .server import OpenCodeProcess, check_version
 from .settings import OpenCodeSettings, mcp_remote_config
-from .translate import RunTranslator, describe_error, outcome_from_messages, run_finished
+from .translate import RunTranslator
+
+__all__ = ["OpenCodeEngine"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# How long the event stream may lag behind the HTTP state once a poll says the run is over.
-STREAM_GRACE = 5.0
 
 
 class OpenCodeEngine(Engine):
@@ -73,6 +72,7 @@ class OpenCodeEngine(Engine):
         # next run there counts from the history once) and after a failed run.
         self._exchanges: dict[str, int] = {}
         self._dir_sessions: dict[str, set[str]] = {}
+        self._follower = RunFollower(self.settings, self._api, self._stream_up, self._exchanges)
 
     @property
     def url(self) -> str | None:
@@ -139,6 +139,9 @@ class OpenCodeEngine(Engine):
             return False
         process = self.process
         return process is None or (process.alive and process.answering)
+
+    def _stream_up(self) -> bool:
+        return self.events is not None and self.events.connected.is_set()
 
     def _api(self) -> OpenCodeAPI:
         if self.api is None or self.events is None:
@@ -274,8 +277,8 @@ class OpenCodeEngine(Engine):
         try:
             await self._retrying(send)
             sent = True
-            await self._follow(key, subs[0], translator, on_event)
-            return await self._outcome(key, sid, message_id, translator)
+            await self._follower.follow(key, subs[0], translator, on_event)
+            return await self._follower.outcome(key, sid, message_id, translator)
         except BaseException:
             # Cancelled (the pipeline gave up), the sink failed, the stream failed...: do not
             # let OpenCode go on working on a run nobody follows any more.
@@ -317,123 +320,6 @@ class OpenCodeEngine(Engine):
                         state.get("error") or "no detail")
             return
         self.directories.set_tools(key, tools)
-
-    async def _follow(self, key: str, sub: Subscription, tr: RunTranslator, on_event: EventSink) -> None:
-        """Feed events to ``on_event`` until the run is over (idle after our prompt was seen)."""
-        s = self.settings
-        deadline = time.monotonic() + s.max_run_seconds
-        next_poll = time.monotonic() + s.status_poll_interval
-        poll = _PollState()
-        while True:
-            now = time.monotonic()
-            if now > deadline:
-                raise EngineError(f"OpenCode run did not finish within {s.max_run_seconds:.0f}s")
-            if poll.finish_by is not None and now >= poll.finish_by:
-                return  # the history says it is over and the stream never caught up
-            wake = min(next_poll, deadline, poll.finish_by or deadline)
-            item = await sub.get(timeout=max(0.05, wake - now))
-            if item == SERVER_LOST:
-                raise EngineUnavailable(
-                    "OpenCode server was lost during the run (it is being restarted)", retry_after=RETRY_SERVER
-                )
-            if item == GAP:
-                tr.lossy = True  # events may be missing: the outcome comes from the history
-            if isinstance(item, Event):
-                for event in tr.feed(item.payload):
-                    await on_event(event)
-                if _is_idle(item) and tr.saw_user_message:
-                    return
-                if item.type == "session.error" and not tr.saw_user_message:
-                    return  # rejected before our message existed (unknown agent): no idle follows
-                continue
-            # Quiet for a while, or the stream dropped (GAP): ask OpenCode directly.
-            next_poll = time.monotonic() + s.status_poll_interval
-            if poll.finish_by is None and await self._poll(key, tr, poll):
-                if self.events is None or not self.events.connected.is_set():
-                    return
-                # The stream lags the HTTP state (a freshly loaded directory instance delivers its
-                # events late): give it a moment so live events are not lost.
-                poll.finish_by = time.monotonic() + STREAM_GRACE
-
-    async def _poll(self, key: str, tr: RunTranslator, poll: _PollState) -> bool:
-        """The safety net: whether status and history say the run is over."""
-        s, now = self.settings, time.monotonic()
-        try:
-            status = await self._api().session_status(key, timeout=5.0)
-            messages = [] if tr.session_id in status else await self._api().messages(key, tr.session_id)
-        except EngineError as exc:
-            poll.failing_since = poll.failing_since or now
-            if now - poll.failing_since >= max(15.0, 3 * s.status_poll_interval):
-                raise EngineUnavailable(
-                    f"OpenCode stopped answering during the run: {exc}", retry_after=RETRY_SERVER
-                ) from exc
-            return False
-        poll.failing_since = None
-        if tr.session_id in status:
-            poll.idle_since = None
-            return False
-        # Idle. Right after the prompt OpenCode may be idle for a moment (loading the directory)
-        # before it turns busy, so only a finished reply or a lasting idle state ends the run.
-        poll.idle_since = poll.idle_since or now
-        idle_for = now - poll.idle_since
-        if not any((m.get("info") or {}).get("id") == tr.user_message_id for m in messages):
-            if idle_for >= 10.0:
-                raise EngineError("OpenCode never started the prompt (session idle, prompt not in its history)")
-            return False
-        return run_finished(messages, tr.user_message_id) or idle_for >= 2.0
-
-    async def _outcome(self, key: str, sid: str, message_id: str, tr: RunTranslator) -> RunOutcome:
-        outcome = await self._read_outcome(key, sid, message_id, tr)
-        if outcome.error and STORE_BUSY.search(outcome.error):
-            # OpenCode's own store refused a query (its lock held too long): not the task's fault.
-            self._exchanges.pop(sid, None)
-            raise EngineUnavailable(f"OpenCode's database refused a query: {outcome.error}", retry_after=RETRY_STORE)
-        return outcome
-
-    async def _read_outcome(self, key: str, sid: str, message_id: str, tr: RunTranslator) -> RunOutcome:
-        # After a gap in the stream (reconnect, overflow) the stream's account may be partial:
-        # text, tokens and tool calls then come from the history alone.
-        streamed = None if tr.lossy else tr.outcome()
-        if streamed is not None:
-            streamed.message_count = await self._count_exchange(key, sid)
-            return streamed
-        if tr.lossy:
-            log.info("OpenCode session %s: events were lost during the run; its outcome comes from the history", sid)
-        api = self._api()
-        messages = await api.messages(key, sid)
-        # On abort, session.idle precedes the message's final update by a moment: wait for it.
-        for _ in range(20):
-            if run_finished(messages, message_id) or not (tr.saw_assistant or tr.lossy):
-                break
-            await asyncio.sleep(0.05)
-            messages = await api.messages(key, sid)
-        outcome = outcome_from_messages(messages, message_id, directory=key)
-        if not outcome.error and not outcome.aborted and tr.error is not None:
-            # An error before any assistant message (unknown model or agent).
-            if tr.error.get("name") == "MessageAbortedError":
-                outcome.aborted = True
-            else:
-                outcome.error, outcome.error_type = describe_error(tr.error)
-        if not tr.lossy and not outcome.prompt_tokens and not outcome.completion_tokens:
-            outcome.prompt_tokens, outcome.completion_tokens = tr.prompt_tokens, tr.completion_tokens
-            outcome.cost = outcome.cost or tr.cost
-        if not tr.lossy:
-            outcome.tool_calls = max(outcome.tool_calls, tr.tool_calls)
-        self._exchanges[sid] = outcome.message_count
-        for path in tr.files_edited:
-            if path not in outcome.files_edited:
-                outcome.files_edited.append(path)
-        return outcome
-
-    async def _count_exchange(self, key: str, sid: str) -> int:
-        """Exchanges in the session including this run: counted once from the history, then kept
-        here, so a normal run needs no history read at all."""
-        if sid in self._exchanges:
-            self._exchanges[sid] += 1
-        else:
-            messages = await self._api().messages(key, sid)
-            self._exchanges[sid] = sum(1 for m in messages if (m.get("info") or {}).get("role") == "user")
-        return self._exchanges[sid]
 
     async def _quiet_abort(self, key: str, sid: str) -> None:
         try:
@@ -498,16 +384,3 @@ class OpenCodeEngine(Engine):
     async def _reap(self) -> None:
         await self.directories.reap_forever(lambda key: self._api().dispose_instance(key))
 
-
-@dataclass
-class _PollState:
-    idle_since: float | None = None
-    failing_since: float | None = None
-    finish_by: float | None = None
-
-
-def _is_idle(event: Event) -> bool:
-    if event.type == "session.idle":
-        return True
-    status = event.properties.get("status")
-    return event.type == "session.status" and isinstance(status, dict) and status.get("type") == "idle"
