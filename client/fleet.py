@@ -40,6 +40,7 @@ from .protocol import (
     ValidationError,
     WaitingTask,
 )
+from .render import printable
 
 __all__ = ["connect_within", "read_fleet", "render_fleet", "status_command"]
 
@@ -193,6 +194,7 @@ def duration(seconds: float) -> str:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
+    rows = [[printable(cell) for cell in row] for row in rows]  # heartbeats are anyone's writes
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
@@ -204,7 +206,7 @@ def _clip(text: str, width: int) -> str:
 def _waiting(label: str, task: WaitingTask | None) -> str:
     if task is None:
         return f"{label}: none"
-    return f"{label}: {duration(task.age)} (task {task.task_id or '?'}, stream seq {task.seq})"
+    return f"{label}: {duration(task.age)} (task {printable(task.task_id or '?')}, stream seq {task.seq})"
 
 
 def render_fleet(status: FleetStatus) -> str:

@@ -16,7 +16,7 @@ def json_object(raw: bytes | None) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         return None
     return value if isinstance(value, dict) else None
 

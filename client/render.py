@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from ocbridge.client.protocol import StreamEvent, TaskResult, TaskStatus
 
@@ -13,9 +14,19 @@ def _c(text: str, color: str, enabled: bool) -> str:
     return f"\033[{_COLORS[color]}m{text}\033[0m" if enabled else text
 
 
+#: Control characters (C0 but newline, DEL, C1): a terminal would act on them (colours, cursor
+#: moves, a window title), and what is printed comes from the network.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but newline shown as an escape (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _short(value: object, limit: int = 160) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = text.replace("\n", "⏎ ")
+    text = printable(text.replace("\n", "⏎ "))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -33,7 +44,7 @@ def render_event(event: StreamEvent, *, color: bool = False) -> str:
         took = f" ({event.tool.duration} ms)" if event.tool.duration is not None else ""
         return f"{head} {_c(f'{mark} {event.tool.name}{took}', style, color)} {_short(event.tool.output or '')}"
     if kind == "error":
-        return f"{head} {_c('error:', 'red', color)} {event.content}"
+        return f"{head} {_c('error:', 'red', color)} {printable(event.content or '')}"
     detail = event.content or ""
     if event.session:
         detail = f"{event.session.name} ({event.session.opencode_id})"

@@ -9,7 +9,6 @@ subjects, bucket names and limits come with every call, from the client's own se
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
+from ocbridge.client.kv import json_object
 from ocbridge.client.protocol.spill import restore as restore_spilled
 
 log = logging.getLogger(__name__)
@@ -146,16 +146,10 @@ class ClientStore:
 def _is_task_message(msg: api.RawStreamMsg, task_id: str) -> bool:
     if (msg.headers or {}).get("Nats-Msg-Id") == task_id:
         return True
-    try:
-        body = json.loads(msg.data or b"")
-    except ValueError:
-        return False
-    return isinstance(body, dict) and body.get("taskID") == task_id
+    body = json_object(msg.data)  # anyone may publish on the task subject: any bytes at all
+    return body is not None and body.get("taskID") == task_id
 
 
 def _spilled_value_ok(data: bytes) -> bool:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return False
-    return isinstance(value, dict) and "value" in value
+    value = json_object(data)
+    return value is not None and "value" in value

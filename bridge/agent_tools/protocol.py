@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from ocbridge.client.protocol.body import MAX_DEPTH, nesting_depth
+
 __all__ = [
     "PROTOCOL_VERSIONS",
     "Dispatcher",
@@ -29,6 +31,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What a body too deep for the JSON parser itself parses to here.
+_TOO_DEEP = object()
 
 #: Protocol revisions this server speaks, newest first (the tools-only subset is the same in all).
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -112,6 +117,10 @@ class Dispatcher(Generic[C]):
             message = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return HttpAnswer(400, _error(None, PARSE_ERROR, "Parse error: the body is not JSON"))
+        except RecursionError:  # the parser's own limit, far above ours
+            message = _TOO_DEEP
+        if message is _TOO_DEEP or nesting_depth(message, MAX_DEPTH) > MAX_DEPTH:
+            return HttpAnswer(400, _error(None, PARSE_ERROR, f"Parse error: nested deeper than {MAX_DEPTH} levels"))
         if isinstance(message, list):
             if not message or len(message) > MAX_BATCH:
                 return HttpAnswer(400, _error(None, INVALID_REQUEST, f"a batch holds 1 to {MAX_BATCH} messages"))

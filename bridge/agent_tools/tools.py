@@ -14,7 +14,6 @@ written for. Values are read from and written to the same NATS KV buckets Statio
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ocbridge.bridge.storage.stores import KeyValueStore
 from ocbridge.bridge.workspace.git import GitSettings
 from ocbridge.bridge.workspace.git.repo import current_branch, head_commit, is_repo
 from ocbridge.bridge.workspace.paths import confine
+from ocbridge.client.kv import json_object
 from ocbridge.client.protocol import SessionState
 
 from .grants import Grant
@@ -170,7 +170,7 @@ class StationTools:
         self.policy.own_session(name, caller)
         raw = await self._stores["sessions"].get(name)
         try:
-            state = SessionState.model_validate(json.loads(raw)) if raw else None
+            state = SessionState.model_validate(record) if (record := json_object(raw)) is not None else None
         except ValueError:
             state = None
         if state is None:

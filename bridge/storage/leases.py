@@ -297,7 +297,7 @@ def _forget(mark: tuple[str, str]) -> None:
 def _field(value: bytes, name: str) -> object:
     try:
         return json.loads(value).get(name)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -310,7 +310,7 @@ def _describe(value: bytes) -> str:
     try:
         data = json.loads(value)
         return f"{data.get('owner')} on {data.get('holder')}"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "another holder"
 
 

@@ -31,16 +31,16 @@ class SidecarHeartbeat(WireModel):
     #: ``running`` while it takes tasks; ``stopping`` during a graceful stop (a plain string, so
     #: that an older ``ocbridge status`` still lists a newer sidecar's states).
     state: str = "running"
-    concurrency: int
-    slots_used: int = Field(alias="slotsUsed")
-    slots_free: int = Field(alias="slotsFree")
+    concurrency: int = Field(ge=0)
+    slots_used: int = Field(alias="slotsUsed", ge=0)
+    slots_free: int = Field(alias="slotsFree", ge=0)
     #: Ids of the tasks running on it now.
     running_tasks: list[str] = Field(default_factory=list, alias="runningTasks")
     started: str
     updated: str = Field(default_factory=iso_now)
     #: Seconds between heartbeats, and how long one lives without the next.
-    interval: float
-    ttl: float
+    interval: float = Field(ge=0)
+    ttl: float = Field(ge=0)
     #: The sidecar's latest problem (fetching, its engine, KV, publishing), already redacted.
     last_error: str | None = Field(default=None, alias="lastError")
     last_error_at: str | None = Field(default=None, alias="lastErrorAt")

@@ -83,6 +83,12 @@ async def test_bad_messages_get_json_rpc_errors_and_failing_tools_error_results(
         return answer.status, answer.body["error"]["code"]
 
     assert await error_of(b"{not json") == (400, -32700)
+    # Too deep for the JSON parser itself, and deeper than any MCP message needs: parse errors.
+    assert await error_of(b"[" * 90_000 + b"]" * 90_000) == (400, -32700)
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    assert await error_of(rpc("tools/call", {"name": "echo", "arguments": {"x": deep}})) == (400, -32700)
     assert await error_of(b'{"id": 1, "method": "ping"}') == (400, -32600)  # no "jsonrpc": "2.0"
     assert await error_of(b'"ping"') == (400, -32600)
     assert await error_of(rpc("ping", id=True)) == (400, -32600)

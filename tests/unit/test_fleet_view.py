@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ocbridge.client.fleet import duration, render_fleet
+from ocbridge.client.kv import json_object
 from ocbridge.client.protocol import FleetSidecar, FleetStatus, QueueStatus, SidecarHeartbeat, WaitingTask
 
 
@@ -64,3 +65,22 @@ def test_an_empty_fleet_says_so_and_lists_what_is_missing():
     text = render_fleet(status)
     assert "none: no sidecar has sent a heartbeat within its TTL" in text
     assert "! no stream holds station.coding.task" in text and "(no dead-letter stream)" in text
+
+
+def test_text_from_the_network_cannot_drive_the_terminal():
+    """Heartbeats and task ids are anyone's writes: control characters are shown, never sent."""
+    status = FleetStatus(
+        sidecars=[FleetSidecar.model_validate({**beat(id="\x1b[31mred", runningTasks=["\x1b]0;title\x07"]), "age": 1})],
+        queue=QueueStatus(oldestWaiting=WaitingTask(taskID="\x1b[2Jgone", seq=3, enqueued="2026-01-01T00:00:00Z",
+                                                    age=1)),
+    )
+    text = render_fleet(status)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b[31mred" in text and "\\x1b]0;title\\x07" in text and "task \\x1b[2Jgone" in text
+
+
+def test_a_heartbeat_with_negative_slots_or_unparsable_text_is_not_one():
+    with pytest.raises(ValueError):
+        SidecarHeartbeat.model_validate(beat(slotsFree=-3))
+    assert json_object(b"[" * 50_000 + b"]" * 50_000) is None  # too deep for the parser: no object
+    assert json_object(b"\xff not json") is None
