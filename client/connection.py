@@ -85,7 +85,10 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
 
     nats-py would retry a first connect by itself for ever (reconnects are unlimited), even on an
     authorization error, so each attempt is made with reconnects off, in a loop of our own with
-    capped exponential backoff that ``retry_for`` bounds; reconnecting is turned on once connected.
+    capped exponential backoff that ``retry_for`` bounds; reconnecting is turned on once connected
+    (unless ``allow_reconnect=False`` is passed: a one-shot command). With ``retry_for``, the
+    attempts end within it and an authorization error ends them at once (trying again will not
+    help); the ``ConnectionError`` names the reason.
     """
     kwargs = options.connect_kwargs()
     connection: list[NATS] = []
@@ -105,15 +108,17 @@ async def connect(options: NatsOptions, *, retry_for: float | None = None, **ext
     delay = 0.2
     while True:
         try:
-            nc = await nats.connect(allow_reconnect=False, **kwargs)
+            attempt = nats.connect(allow_reconnect=False, **kwargs)
+            nc = await (attempt if deadline is None else asyncio.wait_for(attempt, max(0.1, deadline - loop.time())))
             # Read by nats-py when the connection is lost, not at connect time.
             nc.options["allow_reconnect"] = reconnect
             connection.append(nc)
             return nc
         except Exception as exc:
-            if deadline is not None and loop.time() + delay > deadline:
-                raise ConnectionError(f"cannot connect to NATS at {redact_nats_url(options.url)}: {exc}") from None
-            log.warning("nats: first connect failed (%s), retrying in %.1fs", exc, delay)
+            reason = "no answer" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+            if deadline is not None and ("authorization" in reason.lower() or loop.time() + delay > deadline):
+                raise ConnectionError(f"cannot connect to NATS at {redact_nats_url(options.url)}: {reason}") from None
+            log.warning("nats: first connect failed (%s), retrying in %.1fs", reason, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

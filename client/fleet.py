@@ -21,14 +21,12 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-import nats
-from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError, NoServersError
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from .connection import NatsOptions, redact_nats_url
+from .connection import NatsOptions, connect, redact_nats_url
 from .kv import json_object, list_keys
 from .protocol import (
     DeadLetterStatus,
@@ -42,41 +40,12 @@ from .protocol import (
 )
 from .render import printable
 
-__all__ = ["connect_within", "read_fleet", "render_fleet", "status_command"]
+__all__ = ["read_fleet", "render_fleet", "status_command"]
 
 #: Exit code of ``ocbridge status`` when NATS (or JetStream) cannot be reached.
 EXIT_UNREACHABLE = 2
 
 _DELETED = {"DEL", "PURGE"}
-
-
-async def connect_within(options: NatsOptions, timeout: float) -> NATS:
-    """A connection for an operator command: tried again for up to ``timeout`` seconds (NATS may
-    be starting), never reconnected afterwards. Raises ``ConnectionError`` naming the last reason
-    (at once for an authorization error: trying again will not help)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    reasons: list[BaseException] = []
-
-    async def remember(exc: Exception) -> None:  # nats-py reports each failed attempt here
-        reasons.append(exc)
-
-    kwargs = options.connect_kwargs()
-    kwargs.update(connect_timeout=max(0.5, min(options.connect_timeout, timeout)), allow_reconnect=False,
-                  max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=remember)
-    while True:
-        try:
-            return await asyncio.wait_for(nats.connect(**kwargs), max(0.1, deadline - loop.time()))
-        except Exception as exc:
-            reasons.append(exc)
-        # The most telling reason: "connection refused" rather than the attempt the deadline cut short.
-        reason = next((r for r in reversed(reasons) if not isinstance(r, NoServersError | TimeoutError)), reasons[-1])
-        text = str(reason) or reason.__class__.__name__
-        if isinstance(reason, TimeoutError):
-            text = "no answer"
-        if "authorization" in text.lower() or loop.time() + 0.5 > deadline:
-            raise ConnectionError(f"cannot connect to NATS at {redact_nats_url(options.url)}: {text}")
-        await asyncio.sleep(0.5)
 
 
 def _age(when: datetime | None, now: datetime) -> float:
@@ -249,7 +218,7 @@ async def status_command(options: NatsOptions, naming: Naming, *, as_json: bool 
     out = out or sys.stdout
     nc = None
     try:
-        nc = await connect_within(options, timeout)
+        nc = await connect(options, retry_for=timeout, allow_reconnect=False)
         async with asyncio.timeout(timeout):
             status = await read_fleet(nc.jetstream(timeout=timeout), naming)
     except ConnectionError as exc:

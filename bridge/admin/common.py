@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from ocbridge.bridge.config import BridgeConfig, ConfigError, load_config
 from ocbridge.bridge.logs import setup_logging
 from ocbridge.bridge.redact import Redactor, default_redactor
-from ocbridge.client.fleet import connect_within
+from ocbridge.client.connection import connect
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "Report", "admin_config", "admin_connect", "config_secrets", "within"]
 
@@ -65,7 +65,8 @@ async def within(what: Awaitable[T], timeout: float) -> T:
 
 async def admin_connect(config: BridgeConfig, timeout: float) -> NATS:
     """Connect to the configured NATS, giving up after ``timeout`` seconds (``ConnectionError``)."""
-    return await connect_within(config.nats.model_copy(update={"name": "ocbridge-admin"}), timeout)
+    return await connect(config.nats.model_copy(update={"name": "ocbridge-admin"}), retry_for=timeout,
+                         allow_reconnect=False)
 
 
 class Report:
