@@ -85,16 +85,17 @@ class Answers:
             await nak(msg, self._retry_delay)
             return
         self._metrics.finished(result)  # decided and stored: a re-publish of it is not counted again
+        if result.status == TaskStatus.CANCELLED:
+            # A cancel may have left cancel.<taskID> in the state bucket: no longer needed once the
+            # result is stored; gone before anyone sees the result.
+            with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
+                await self._state.delete(cancel_key(task_id))
         if not await self._publish(task, message):
             await nak(msg, self._retry_delay)  # re-published on redelivery
             return
         record.state = "done"
         with logged_suppress(f"task {task_id}: recording it done", log):
             await self._records.put(record)
-        if result.status == TaskStatus.CANCELLED:
-            # A cancel may have left cancel.<taskID> in the state bucket: no longer needed.
-            with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
-                await self._state.delete(cancel_key(task_id))
         with logged_suppress(f"task {task_id}: ack", log):
             await (msg.term() if term else msg.ack())
         log.info(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ocbridge.bridge.processes import (
@@ -98,6 +99,15 @@ def test_tools_dir_comes_before_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
 # ----------------------------------------------------------------------------- process trees
 
 
+def command(proc: psutil.Process) -> str:
+    """A process's command line; empty once it exited meanwhile (the subshell that double-forks
+    exits at once: found alive, a zombie a moment later)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_tree_spans_sessions_and_the_marker(tmp_path: Path, spawn: Spawn) -> None:
     mark, marker = f"300.{random.randrange(10**8)}", EnvMarker("OCBRIDGE_TEST_MARK")
     # A child in its own session (reached by ppid), and a double-forked one in its own session
@@ -107,11 +117,11 @@ def test_tree_spans_sessions_and_the_marker(tmp_path: Path, spawn: Spawn) -> Non
     cmdlines = {f"sleep {mark}{i}" for i in (1, 2, 3)}
 
     def found() -> set[str]:
-        return {" ".join(p.cmdline()) for p in collect_tree(process_of(root.pid), marker)} & cmdlines
+        return {command(p) for p in collect_tree(process_of(root.pid), marker)} & cmdlines
 
     assert wait_until(lambda: found() == cmdlines)
-    assert {" ".join(p.cmdline()) for p in collect_tree(None, marker)} >= cmdlines
-    unmarked = {" ".join(p.cmdline()) for p in collect_tree(process_of(root.pid))} & cmdlines
+    assert {command(p) for p in collect_tree(None, marker)} >= cmdlines
+    unmarked = {command(p) for p in collect_tree(process_of(root.pid))} & cmdlines
     assert unmarked == cmdlines - {f"sleep {mark}2"} and not collect_tree(None, EnvMarker(marker.name))
 
     assert kill_marked(marker) == 3
