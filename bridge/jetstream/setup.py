@@ -116,12 +116,17 @@ async def ensure_consumer(
     return ConsumerSettings(ack_wait=ack_wait, max_deliver=max_deliver)
 
 
-async def _kv(js: JetStreamContext, bucket: str, *, ttl: float | None) -> KeyValue:
-    """Bind to ``bucket``, or create it with one value per key (Station's settings)."""
+async def _kv(js: JetStreamContext, bucket: str, *, ttl: float | None, direct: bool = False) -> KeyValue:
+    """Bind to ``bucket``, or create it with one value per key (Station's settings).
+
+    ``direct``: reads may be answered by any replica (``allow_direct``, as nats.go and Station
+    create their buckets), one lighter request per read. The sidecar's own buckets of tasks and
+    leases stay without it: a replica that lags would show a finished task as unfinished.
+    """
     with contextlib.suppress(NotFoundError):
         return await js.key_value(bucket)
     try:
-        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl, direct=direct)
     except BadRequestError:  # created meanwhile by Station, a client or another sidecar
         return await js.key_value(bucket)
 
@@ -146,8 +151,8 @@ async def ensure_buckets(
 ) -> Buckets:
     """The KV buckets and object store, bound when they exist (whoever made them), else created
     as Station creates its own: history 1 and a 7-day TTL (the tasks bucket: the record TTL)."""
-    sessions = await _kv(js, naming.sessions_bucket, ttl=STATION_BUCKET_TTL)
-    state = await _kv(js, naming.state_bucket, ttl=STATION_BUCKET_TTL)
+    sessions = await _kv(js, naming.sessions_bucket, ttl=STATION_BUCKET_TTL, direct=True)
+    state = await _kv(js, naming.state_bucket, ttl=STATION_BUCKET_TTL, direct=True)
     tasks = await _kv(js, naming.tasks_bucket, ttl=settings.task_record_ttl)
     # A lease nobody refreshes disappears with the bucket's max_age, so that is the lease TTL.
     leases = await _kv(js, naming.leases_bucket, ttl=settings.lease_ttl)

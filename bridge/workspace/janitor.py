@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ from .paths import WorkspaceError, remove_tree
 log = logging.getLogger(__name__)
 
 _PREFIX = "ocbridge.workspace."
+
+#: A workspace used again within this many seconds with the same policy and scope is not
+#: written again: its record's ``last_used`` lags by at most this much (the sweeper counts days).
+TOUCH_INTERVAL = 30.0
+_RECENT_MAX = 1024  # records remembered for that, least recently used first out
 
 
 class WorkspaceRecord(BaseModel):
@@ -61,11 +67,17 @@ def _parse(key: str, data: dict[str, Any] | None) -> WorkspaceRecord | None:
 class WorkspaceJanitor:
     """Applies cleanup policies and sweeps old workspaces. Never deletes outside ``root``."""
 
-    def __init__(self, store: KeyValueStore, root: Path, default_policy: CleanupPolicy = "manual") -> None:
+    def __init__(
+        self, store: KeyValueStore, root: Path, default_policy: CleanupPolicy = "manual",
+        *, touch_interval: float = TOUCH_INTERVAL,
+    ) -> None:
         self._store = store
         self._root = root.resolve()
         self.default_policy = default_policy
+        self.touch_interval = touch_interval
         self._in_use: dict[str, int] = {}
+        #: path -> (the record this process last wrote, monotonic time of the write).
+        self._recent: OrderedDict[str, tuple[WorkspaceRecord, float]] = OrderedDict()
 
     # ------------------------------------------------------------------------------ bookkeeping
 
@@ -82,15 +94,40 @@ class WorkspaceJanitor:
         scope_id: str | None = None,
         at: float | None = None,
     ) -> WorkspaceRecord:
-        """Note that ``path`` is in use now (or ``at``, a Unix time); policy and scope stick once given."""
-        record = await self.record(path) or WorkspaceRecord(path=str(path), policy=self.default_policy)
-        record.path = str(path)
+        """Note that ``path`` is in use now (or ``at``, a Unix time); policy and scope stick once given.
+
+        Each task touches its workspace: a record this process wrote less than ``touch_interval``
+        ago, which the call would not change but for ``last_used``, is not read and written again
+        (two KV requests per task saved).
+        """
+        key = str(path)
+        recent = self._fresh(key)
+        if (at is None and recent is not None and (policy or recent.policy) == recent.policy
+                and (scope or recent.scope) == recent.scope and (scope_id or recent.scope_id) == recent.scope_id):
+            return recent.model_copy()
+        record = await self.record(path) or WorkspaceRecord(path=key, policy=self.default_policy)
+        record.path = key
         record.policy = policy or record.policy
         record.scope = scope or record.scope
         record.scope_id = scope_id or record.scope_id
         record.last_used = time.time() if at is None else at
-        await self._store.put(_PREFIX + str(path), record.model_dump_json().encode())
+        await self._store.put(_PREFIX + key, record.model_dump_json().encode())
+        self._remember(key, record)
         return record
+
+    def _fresh(self, key: str) -> WorkspaceRecord | None:
+        """The record this process wrote for ``key`` within ``touch_interval``, if any."""
+        entry = self._recent.get(key)
+        if entry is None or time.monotonic() - entry[1] >= self.touch_interval:
+            return None
+        self._recent.move_to_end(key)
+        return entry[0]
+
+    def _remember(self, key: str, record: WorkspaceRecord) -> None:
+        self._recent[key] = (record.model_copy(), time.monotonic())
+        self._recent.move_to_end(key)
+        while len(self._recent) > _RECENT_MAX:
+            self._recent.popitem(last=False)
 
     @contextlib.contextmanager
     def using(self, path: Path):
@@ -108,7 +145,7 @@ class WorkspaceJanitor:
 
     async def after_task(self, path: Path, completed: bool) -> bool:
         """``on_success``: delete an agent-scoped workspace after a completed task."""
-        record = await self.record(path)
+        record = self._fresh(str(path)) or await self.record(path)
         if record and record.policy == "on_success" and record.scope == "agent" and completed:
             return await self.delete(path)
         return False
@@ -144,6 +181,7 @@ class WorkspaceJanitor:
         if failures:
             log.warning("deleting workspace %s: %d entr%s could not be removed (first: %s)", path, len(failures),
                         "y" if len(failures) == 1 else "ies", failures[0])
+        self._recent.pop(str(path), None)
         await self._store.delete(_PREFIX + str(path))
         log.info("deleted workspace %s", path)
         return True

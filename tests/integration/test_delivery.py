@@ -364,7 +364,8 @@ async def test_the_sidecar_works_with_buckets_station_created_first(stack):
     naming = stack.naming
     week = 7 * 24 * 3600
     for bucket in (naming.sessions_bucket, naming.state_bucket):
-        await js.create_key_value(bucket=bucket, history=1, ttl=week)  # as Station creates them
+        # as Station creates them (nats.go: allow_direct on)
+        await js.create_key_value(bucket=bucket, history=1, ttl=week, direct=True)
     await stack.sidecar(Counting(["ok"]))
     task = stack.task()
     results = await stack.results(task["callback"]["resultSubject"])
@@ -375,14 +376,17 @@ async def test_the_sidecar_works_with_buckets_station_created_first(stack):
     # Whoever creates a bucket first, it gets Station's settings.
     for bucket in (naming.sessions_bucket, naming.state_bucket):
         status = await (await js.key_value(bucket)).status()
-        assert (status.history, status.ttl) == (1, week)
+        assert (status.history, status.ttl, status.stream_info.config.allow_direct) == (1, week, True)
     fresh = Stack(stack.url, stack.tmp / "fresh", unique_naming())
     fresh.nc = stack.nc
     await fresh.sidecar(Counting())
     try:
         for bucket in (fresh.naming.sessions_bucket, fresh.naming.state_bucket):
             status = await (await js.key_value(bucket)).status()
-            assert (status.history, status.ttl) == (1, week)
+            assert (status.history, status.ttl, status.stream_info.config.allow_direct) == (1, week, True)
+        # The sidecar's own records and leases are read from the stream's leader only.
+        for bucket in (fresh.naming.tasks_bucket, fresh.naming.leases_bucket):
+            assert not (await (await js.key_value(bucket)).status()).stream_info.config.allow_direct
     finally:
         fresh.nc = None
         await fresh.close()

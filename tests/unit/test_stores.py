@@ -86,6 +86,42 @@ async def test_an_unreadable_record_counts_as_absent_and_is_logged(janitor_setup
     assert (await janitor.record(ws)) == record
 
 
+class CountingKeyValue(FolderKeyValue):
+    """A folder store that counts the requests made to it."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.gets = self.puts = 0
+
+    async def get(self, key):
+        self.gets += 1
+        return await super().get(key)
+
+    async def put(self, key, value):
+        self.puts += 1
+        await super().put(key, value)
+
+
+async def test_a_workspace_used_again_soon_is_not_written_again_unless_its_policy_changes(tmp_path):
+    kv = CountingKeyValue(tmp_path / "state")
+    janitor = WorkspaceJanitor(kv, tmp_path, touch_interval=0.3)
+    ws = open_workspace(tmp_path, "ws").path
+    first = await janitor.touch(ws, policy="on_success")
+    for _ in range(5):  # tasks one after another in the same workspace
+        assert (await janitor.touch(ws)).policy == "on_success"
+        assert await janitor.after_task(ws, completed=False) is False
+    assert (kv.gets, kv.puts) == (1, 1)
+    await janitor.touch(ws, policy="manual")  # a new policy is written at once
+    assert kv.puts == 2 and (await janitor.record(ws)).policy == "manual"
+    await asyncio.sleep(0.35)
+    await janitor.touch(ws)  # and last_used again once the interval is over
+    stored = await janitor.record(ws)
+    assert kv.puts == 3 and stored.policy == "manual" and stored.last_used > first.last_used + 0.3
+    assert await janitor.delete(ws)
+    await janitor.touch(ws)  # deleted: nothing remembered, the record is made again
+    assert kv.puts == 4 and (await janitor.record(ws)).policy == "manual"
+
+
 async def test_the_sweeper_never_deletes_outside_the_root(janitor_setup):
     janitor, kv, root, outside = janitor_setup
     old = time.time() - 7200

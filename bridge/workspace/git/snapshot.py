@@ -140,25 +140,31 @@ def _entry(st: os.stat_result, link: str | None) -> Entry:
 def take(root: Path, *, file_limit: int, budget: int, cache: SnapshotCache | None = default_cache) -> Snapshot:
     """Snapshot the tree under ``root``; content unchanged since ``cache``'s last snapshot of it is reused."""
     previous = cache.get(root) if cache is not None else None
+    before = previous.entries if previous is not None else {}
     # Reusable: captured content of files that had not changed for a while when it was taken.
     trusted_before = previous.taken_ns - _RACY_NS if previous is not None else 0
     snap = Snapshot(taken_ns=time.time_ns())
+    entries = snap.entries
     kept = 0
     for rel, st, link in _walk(root):
+        size = st.st_size
+        capture = link is None and size <= file_limit and kept + size <= budget
+        old = before.get(rel)
+        if (capture and old is not None and old.data is not None and old.link is None
+                and old.mtime_ns == st.st_mtime_ns and old.ctime_ns == st.st_ctime_ns and old.size == size
+                and old.ino == st.st_ino and old.mode == st.st_mode
+                and max(old.mtime_ns, old.ctime_ns) < trusted_before):
+            entries[rel] = old  # the same file, unchanged for a while: its entry is reused as it is
+            kept += size
+            snap.size += len(old.data)
+            continue
         entry = _entry(st, link)
-        if link is None and st.st_size <= file_limit and kept + st.st_size <= budget:
-            old = previous.entries.get(rel) if previous is not None else None
-            if (old is not None and old.data is not None and old.same_file(entry)
-                    and max(old.mtime_ns, old.ctime_ns) < trusted_before):
-                entry.data, entry.digest = old.data, old.digest
-                kept += entry.size
-            elif (content := _read(root / rel)) is not None:
-                entry.data = zlib.compress(content, 1)
-                entry.digest = hashlib.sha1(content).digest()
-                kept += len(content)
-            if entry.data is not None:
-                snap.size += len(entry.data)
-        snap.entries[rel] = entry
+        if capture and (content := _read(root / rel)) is not None:
+            entry.data = zlib.compress(content, 1)
+            entry.digest = hashlib.sha1(content).digest()
+            kept += len(content)
+            snap.size += len(entry.data)
+        entries[rel] = entry
     if cache is not None:
         cache.put(root, snap)
     return snap
@@ -228,8 +234,15 @@ def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: i
         list[FileChange], str, bool]:
     """Changes between ``before`` and the tree now: ``(changes, unified diff, diff truncated)``."""
     now: dict[str, Entry] = {}
+    unchanged: set[str] = set()  # same size, mtime and link as before: the common case, no Entry made
+    previous = before.entries
     for rel, st, link in _walk(root):
-        now[rel] = _entry(st, link)
+        old = previous.get(rel)
+        if old is not None and old.link == link and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+            now[rel] = old
+            unchanged.add(rel)
+        else:
+            now[rel] = _entry(st, link)
     changes: dict[str, FileChange] = {}
     patch = _Patch(max_patch_bytes)
     new_content: dict[str, bytes | None] = {}
@@ -260,10 +273,8 @@ def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: i
             changes[target] = FileChange(path=target, status="renamed", old_path=rel, insertions=0, deletions=0)
             patch.add(f"diff --git a/{rel} b/{target}\nsimilarity index 100%\nrename from {rel}\nrename to {target}\n")
 
-    for rel in sorted(set(now) & set(before.entries)):
+    for rel in sorted(set(now) & set(before.entries) - unchanged):
         old, new = before.entries[rel], now[rel]
-        if old.link == new.link and old.size == new.size and old.mtime_ns == new.mtime_ns:
-            continue
         old_bytes, new_bytes = _content(old), current(rel)
         if old_bytes is not None and old_bytes == new_bytes:
             continue  # touched, not changed
