@@ -85,7 +85,8 @@ class JetStreamSettings(Section):
     #: The consumer's ``max_deliver``: a backstop on deliveries of any kind, far above what retries
     #: need; the delivery that reaches it is answered with an error result.
     max_deliveries: int = Field(default=1000, ge=10)
-    #: Delay of a give-back that is not the task's fault, before the task is offered again (s).
+    #: Longest delay of a give-back that is not the task's fault, before the task is offered again
+    #: (s): the first waits 0.5 s, each further delivery of the message doubles it up to this.
     retry_delay: float = Field(default=5.0, gt=0)
     #: Give-backs of one task before it is answered with an error after all (a broken store or
     #: an engine that never recovers must not keep a task forever).

@@ -37,6 +37,18 @@ def error_result(task_id: str, error: str, error_type: ErrorType) -> TaskResult:
     return TaskResult(taskID=task_id, status=TaskStatus.ERROR, result=error, error=error, errorType=error_type)
 
 
+#: The first give-back of a message waits this long; each further delivery doubles it, up to
+#: ``jetstream.retry_delay``. A NATS restart or an OpenCode restart is over in a second or two,
+#: so most give-backs should be retried soon; a store that stays broken is not hammered.
+FIRST_RETRY_DELAY = 0.5
+
+
+def backoff(num_delivered: int, cap: float) -> float:
+    """The delay of a give-back of a message delivered ``num_delivered`` times so far."""
+    exponent = min(max(num_delivered - 1, 0), 16)
+    return min(cap, FIRST_RETRY_DELAY * 2**exponent)
+
+
 async def nak(msg: Msg, delay: float) -> None:
     """Give the message back for redelivery after ``delay`` seconds (0: at once); never raises."""
     with logged_suppress("nak", log):
@@ -70,6 +82,16 @@ class Answers:
         self._retry_delay = retry_delay
         self._note_error = note_error
 
+    def _delay(self, msg: Msg) -> float:
+        try:
+            delivered = msg.metadata.num_delivered
+        except Exception:  # no JetStream metadata: the longest delay
+            delivered = None
+        return backoff(delivered, self._retry_delay) if delivered is not None else self._retry_delay
+
+    async def _retry_later(self, msg: Msg) -> None:
+        await nak(msg, self._delay(msg))
+
     async def finish(self, msg: Msg, task: Task, result: TaskResult, record: TaskRecord, *, term: bool = False) -> None:
         """Record the result, then publish it, then ack (``term`` for a task given up)."""
         task_id = task.task_id
@@ -82,7 +104,7 @@ class Answers:
         except Exception as exc:
             log.error("task %s: cannot store its result (%s); it will run again", task_id, exc)
             self._note_error(f"task {task_id}: cannot store its result: {exc}")
-            await nak(msg, self._retry_delay)
+            await self._retry_later(msg)
             return
         self._metrics.finished(result)  # decided and stored: a re-publish of it is not counted again
         if result.status == TaskStatus.CANCELLED:
@@ -91,7 +113,7 @@ class Answers:
             with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
                 await self._state.delete(cancel_key(task_id))
         if not await self._publish(task, message):
-            await nak(msg, self._retry_delay)  # re-published on redelivery
+            await self._retry_later(msg)  # re-published on redelivery
             return
         record.state = "done"
         with logged_suppress(f"task {task_id}: recording it done", log):
@@ -110,7 +132,7 @@ class Answers:
         log.info("task %s already has a result (%s); publishing it again", task.task_id, record.state)
         tracing.add_event("result.republished", {"record.state": record.state})
         if not await self._publish(task, record.result.to_wire()):
-            await nak(msg, self._retry_delay)
+            await self._retry_later(msg)
             return
         if record.state != "done":
             record.state = "done"
@@ -133,7 +155,7 @@ class Answers:
             await self._nc.flush(timeout=FLUSH_TIMEOUT)
         except Exception as exc:
             log.error("task %s: publishing its rejection failed (%s)", rejection.task_id, exc)
-            await nak(msg, self._retry_delay)
+            await self._retry_later(msg)
             return
         self._metrics.finished(result)
         with logged_suppress(f"task {rejection.task_id}: ack", log):
@@ -145,10 +167,10 @@ class Answers:
     ) -> None:
         """Hand the task back without a result: it was not the task's fault, so the run does not
         count against its attempts (``state``: the run's record, marked retrying or requeued)."""
-        delay = self._retry_delay if delay is None else delay
+        delay = self._delay(msg) if delay is None else delay
         self._metrics.gave_back()
         tracing.add_event("task.given_back", {"reason": self._redactor.text(reason), "retry_in": delay})
-        log.warning("task %s given back (retry in %.0fs): %s", task_id, delay, self._redactor.text(reason))
+        log.warning("task %s given back (retry in %.1fs): %s", task_id, delay, self._redactor.text(reason))
         if not requeued:  # a graceful stop's hand-back is no problem
             self._note_error(f"task {task_id} given back: {reason}")
         if state is not None:
