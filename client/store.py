@@ -17,7 +17,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
-from ocbridge.client.kv import json_object
+from ocbridge.client.kv import bind_bucket, json_object
 from ocbridge.client.protocol.spill import restore as restore_spilled
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ClientStore:
     async def bucket(self, name: str) -> KeyValue:
         """The KV bucket ``name`` (``NotFoundError`` when it does not exist)."""
         if name not in self._buckets:
-            self._buckets[name] = await self._js.key_value(name)
+            self._buckets[name] = await bind_bucket(self._js, name)
         return self._buckets[name]
 
     async def put_expiring(self, bucket: str, key: str, value: bytes, ttl: float) -> None:

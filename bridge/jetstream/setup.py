@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from ocbridge.bridge.config import JetStreamSettings, ObservabilitySettings
+from ocbridge.client.kv import bind_bucket
 from ocbridge.client.protocol import STATION_BUCKET_TTL, Naming
 from ocbridge.client.streams import ensure_task_stream as _ensure_task_stream
 
@@ -124,11 +125,11 @@ async def _kv(js: JetStreamContext, bucket: str, *, ttl: float | None, direct: b
     leases stay without it: a replica that lags would show a finished task as unfinished.
     """
     with contextlib.suppress(NotFoundError):
-        return await js.key_value(bucket)
-    try:
-        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl, direct=direct)
-    except BadRequestError:  # created meanwhile by Station, a client or another sidecar
-        return await js.key_value(bucket)
+        return await bind_bucket(js, bucket)
+    # BadRequestError: created meanwhile by Station, a client or another sidecar.
+    with contextlib.suppress(BadRequestError):
+        await js.create_key_value(bucket=bucket, history=1, ttl=ttl, direct=direct)
+    return await bind_bucket(js, bucket)
 
 
 def bucket_ttls(

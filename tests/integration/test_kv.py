@@ -1,10 +1,12 @@
-"""KV access against a real nats-server: key listing that never reads a full bucket as empty."""
+"""KV access against a real nats-server: key listing that never reads a full bucket as empty, and
+reads that survive a bucket made again with other settings."""
 
 from __future__ import annotations
 
 import uuid
 
 import nats
+import nats.errors
 import pytest
 
 from ocbridge.bridge.redact import Redactor
@@ -12,7 +14,7 @@ from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.storage.stores import NatsKeyValue
 from ocbridge.client.client import CodingClient
 from ocbridge.client.connection import NatsOptions
-from ocbridge.client.kv import list_keys
+from ocbridge.client.kv import bind_bucket, list_keys
 from ocbridge.client.protocol import SessionState, iso_now
 from ocbridge.client.station.backends.nats import NatsBackend
 from support.stack import unique_naming
@@ -34,6 +36,35 @@ async def test_listing_sees_every_key_every_time(js):
         await kv.put(name, b"{}")
     for _ in range(200):
         assert await list_keys(js, bucket) == sorted(names)
+
+
+@pytest.mark.parametrize("before, after", [(True, False), (False, True)],
+                         ids=["direct-then-leader", "leader-then-direct"])
+async def test_reads_go_on_when_the_bucket_is_made_again_with_other_settings(js, before, after):
+    """A bucket bound with direct gets (as Station makes its buckets) then deleted and made again
+    without them (as nats-py makes them by default): reads follow, instead of failing with "no
+    responders" for as long as the process lives. The other way round works as it is."""
+    bucket = f"kv-{uuid.uuid4().hex[:8]}"
+    await js.create_key_value(bucket=bucket, history=1, direct=before)
+    kv = await bind_bucket(js, bucket)
+    await kv.put("k", b"first")
+    assert (await kv.get("k")).value == b"first"
+    await js.delete_key_value(bucket)
+    await js.create_key_value(bucket=bucket, history=1, direct=after)
+    await kv.put("k", b"second")
+    assert (await kv.get("k")).value == b"second"
+    assert (await kv.get("k")).value == b"second"  # and the next read goes the new way at once
+
+
+async def test_a_bucket_that_is_gone_reads_as_unreachable_not_as_empty(js):
+    """While a direct-read bucket is gone, a read fails (the sidecar gives its task back) rather
+    than reporting the key absent (which would start a new session instead of resuming one)."""
+    bucket = f"kv-{uuid.uuid4().hex[:8]}"
+    await js.create_key_value(bucket=bucket, history=1, direct=True)
+    kv = await bind_bucket(js, bucket)
+    await js.delete_key_value(bucket)
+    with pytest.raises(nats.errors.NoRespondersError):
+        await kv.get("k")
 
 
 async def test_store_round_trip_with_names_nats_would_refuse(js):
