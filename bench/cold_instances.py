@@ -1,0 +1,108 @@
+"""What a new OpenCode directory instance costs: the first prompt in a directory against the second.
+
+OpenCode loads one instance per ``?directory=`` (config, provider state, tools, file watcher) when a
+directory is first used. A sidecar that starts, or whose OpenCode restarts, loads every workspace's
+instance again on its next task there; ``bench/faults.py`` pays this twice. For each of
+``--directories`` new directories (30 small files each) on one fresh OpenCode server: the first
+prompt's wall time and the CPU the server's process tree spent on it, and the second prompt's wall
+time (the instance warm), whose ratio is printed. ``--warm`` first reads the directory's
+``/config``, ``/provider`` and ``/agent`` (no model call) and prints what that took.
+
+Run: .venv/bin/python bench/cold_instances.py [--directories 4] [--warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from ocbridge.bridge.engines.opencode.server import OpenCodeProcess
+from ocbridge.bridge.engines.opencode.settings import OpenCodeSettings
+from ocbridge.bridge.offline_model.configs import opencode_provider_config
+from ocbridge.bridge.offline_model.server import OfflineModelServer
+from ocbridge.bridge.processes import find_binary
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its live descendants (OpenCode's workers), in seconds."""
+    if pid is None:
+        return 0.0
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
+#: Requests that load a directory's instance without a model call.
+WARMING_PATHS = ("/config", "/provider", "/agent")
+
+
+async def main(directories: int, warm: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="cold-instances-"))
+    model = OfflineModelServer()
+    model_url = await model.start()
+    server = OpenCodeProcess(OpenCodeSettings(
+        binary=find_binary("opencode"), state_dir=tmp / "opencode", config=opencode_provider_config(model_url),
+        extra_path=[str(Path(sys.executable).parent)],
+    ))
+    try:
+        started = time.perf_counter()
+        base = await server.start()
+        print(f"OpenCode {server.version}: server up after {time.perf_counter() - started:.2f}s")
+        auth = {"Authorization": aiohttp.encode_basic_auth("opencode", server.password)}
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(headers=auth, timeout=timeout) as http:
+
+            async def prompt(directory: Path, text: str) -> float:
+                params = {"directory": str(directory)}
+                begun = time.perf_counter()
+                async with http.post(f"{base}/session", params=params, json={}) as response:
+                    session_id = (await response.json())["id"]
+                async with http.post(f"{base}/session/{session_id}/message", params=params,
+                                     json={"parts": [{"type": "text", "text": text}]}) as response:
+                    response.raise_for_status()
+                    await response.read()
+                return time.perf_counter() - begun
+
+            print(f"{'directory':12} {'warming':>9} {'1st prompt':>11} {'its CPU':>9} {'2nd prompt':>11} {'ratio':>6}")
+            for index in range(directories):
+                directory = tmp / f"ws{index}"
+                directory.mkdir()
+                for n in range(30):
+                    (directory / f"file{n}.txt").write_text("x\n" * n)
+                cpu_before, begun = tree_cpu_seconds(server.pid), time.perf_counter()
+                if warm:
+                    for path in WARMING_PATHS:
+                        async with http.get(base + path, params={"directory": str(directory)}) as response:
+                            await response.read()
+                warming = time.perf_counter() - begun
+                first = await prompt(directory, "create a.txt with content 1")
+                cpu = tree_cpu_seconds(server.pid) - cpu_before
+                second = await prompt(directory, "create b.txt with content 2")
+                print(f"{directory.name:12} {warming * 1000:7.0f}ms {first * 1000:9.0f}ms {cpu * 1000:7.0f}ms "
+                      f"{second * 1000:9.0f}ms {first / second:6.1f}")
+    finally:
+        await server.stop()
+        await model.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--directories", type=int, default=4)
+    parser.add_argument("--warm", action="store_true", help="read /config, /provider and /agent before the 1st prompt")
+    args = parser.parse_args()
+    asyncio.run(main(args.directories, args.warm))
