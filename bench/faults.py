@@ -604,7 +604,7 @@ def explain(report: RunReport, stack: Stack) -> list[str]:
     suspects = {o.task_id: o for o in (*report.lost, *report.failed, *report.duplicated(), *slow)}
     logs = {s.name: s.log_text().splitlines() for s in stack.sidecars}
     report.logged_give_backs = sum(1 for text in logs.values() for line in text
-                                   if f" task {report.label}-" in line and " given back " in line)
+                                   if f"task {report.label}-" in line and " given back " in line)
     for task_id, o in suspects.items():
         record = report.records.get(task_id)
         lines.append(
