@@ -53,6 +53,7 @@ ENV_SHORTCUTS: dict[str, tuple[str, ...]] = {
     "CONCURRENCY": ("concurrency",),
     "OFFLINE_MODEL": ("offline_model",),
     "ENGINE": ("engine",),
+    "AGENT_USER": ("agent_user",),
     "OPENCODE_URL": ("opencode", "url"),
     "OPENCODE_BINARY": ("opencode", "binary"),
     "OPENCODE_PASSWORD": ("opencode", "password"),
@@ -178,6 +179,10 @@ class BridgeConfig(Section):
     agent_tools: AgentToolsSettings = Field(default_factory=AgentToolsSettings)
     #: Which agent runs the prompts.
     engine: Literal["opencode", "opencode-cli", "claudecode"] = "opencode"
+    #: Run the agent (its engine's processes and git in workspaces) as this user (a name or
+    #: ``uid[:gid]``), apart from the sidecar's files and secrets; the sidecar must run as root.
+    #: Unset: the agent runs as the sidecar's user (see the README's threat model).
+    agent_user: str | None = None
     workspace_root: Path = Path("workspaces")
     #: Private state: embedded NATS data, OpenCode's HOME/XDG dirs, logs.
     data_dir: Path = Path(".ocbridge")

@@ -9,11 +9,14 @@ import os
 import secrets
 import signal
 import socket
+import stat
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ocbridge.bridge.agent_tools import AgentToolsServer
+from ocbridge.bridge.agent_user import describe, resolve_agent_user
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.jetstream.setup import (
     Buckets,
@@ -64,6 +67,22 @@ class Sidecar:
         self.metrics: TaskMetrics = NO_METRICS
         #: The health/metrics listener (``observability.http_port``), ``None`` when off.
         self.http: HealthServer | None = None
+        #: The umask before ``agent_user`` made the sidecar's files private (restored by stop()).
+        self._umask: int | None = None
+
+    @staticmethod
+    def _separate_agent(config: BridgeConfig, data_dir: Path) -> BridgeConfig:
+        """The configuration with ``git.agent`` set from ``agent_user`` (read by the engine and git),
+        ``data_dir`` laid out for it and the workspace root passable for it."""
+        assert config.agent_user is not None
+        agent = resolve_agent_user(config.agent_user, data_dir)
+        agent.prepare()
+        root = config.workspace_root.resolve()
+        if not root.stat().st_mode & stat.S_IXOTH:
+            root.chmod(root.stat().st_mode | stat.S_IXOTH)
+            log.info("workspace root %s made passable (o+x) for the agent's user", root)
+        log.info("agents run as %s; workspaces belong to it, network git goes through mirrors", describe(agent))
+        return config.model_copy(update={"git": config.git.for_agent(agent)})
 
     async def start(self) -> None:
         config = self.config
@@ -75,6 +94,11 @@ class Sidecar:
                 self.redactor.add(value)
         data_dir = config.data_dir.resolve()
         config.workspace_root.mkdir(parents=True, exist_ok=True)
+        if config.agent_user:
+            # Whatever the sidecar (and the NATS server it starts) writes is its own: the agent's
+            # user may pass through data_dir, so a file it can name must not be readable.
+            self._umask = os.umask(0o077)
+            config = self.config = self._separate_agent(config, data_dir)
         try:
             # Traces from OTEL_* (off unless an exporter is named); flushed by stop().
             self._tracing = self._tracing or tracing.configure(instance_id=self.id, redactor=self.redactor)
@@ -219,6 +243,9 @@ class Sidecar:
             self.http = None
         metrics, self.metrics = self.metrics, NO_METRICS
         await metrics.aclose()
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
         if self._tracing:  # flush the last spans (blocking exporters: off the event loop)
             self._tracing = False
             with logged_suppress("flushing traces", log):

@@ -14,7 +14,8 @@ from .base import Engine
 log = logging.getLogger(__name__)
 
 def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str | None = None) -> Engine:
-    """The engine ``config.engine`` names, wired to the offline model when one runs."""
+    """The engine ``config.engine`` names, wired to the offline model when one runs, and run as
+    the agent's user when ``config.git.agent`` is set (the sidecar sets it from ``agent_user``)."""
     # ripgrep from PyPI lives next to the interpreter; OpenCode's glob/grep tools need it.
     scripts = [sysconfig.get_path("scripts")]
     if config.engine == "claudecode":
@@ -33,6 +34,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         return OpenCodeCLIEngine(OpenCodeCLISettings(
             binary=_tool("opencode", cli.binary), state_dir=data_dir / "opencode-cli",
             config=deep_merge(extra, cli.config), model=cli.model or config.opencode.model, extra_path=scripts,
+            run_as=config.git.agent,
         ))
 
     from .opencode.engine import OpenCodeEngine
@@ -53,6 +55,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         request_timeout=oc.request_timeout,
         idle_dispose_seconds=oc.idle_dispose_seconds,
         extra_path=scripts,
+        run_as=config.git.agent,
     ))
 
 
@@ -74,7 +77,7 @@ def _claude(config: BridgeConfig, data_dir: Path, offline_model_url: str | None,
     return ClaudeCodeEngine(ClaudeCodeSettings(
         binary=_tool("claude", cc.binary), state_dir=data_dir / "claudecode", env=env, model=cc.model,
         max_turns=cc.max_turns, allowed_tools=cc.allowed_tools, disallowed_tools=cc.disallowed_tools,
-        permission_mode=cc.permission_mode, extra_path=scripts,
+        permission_mode=cc.permission_mode, extra_path=scripts, run_as=config.git.agent,
     ))
 
 

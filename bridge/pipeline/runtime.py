@@ -11,6 +11,7 @@ the in-process runner a folder. Without one, leases only exclude tasks within th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.leases import DEFAULT_TTL, SessionLeases
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.storage.stores import ArtifactStore, KeyValueStore
+from ocbridge.bridge.workspace.git.mirror import forget_mirrors
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
 from ocbridge.bridge.workspace.prepare import WorkspaceFlow
 
@@ -60,7 +62,9 @@ def build_runtime(
     root = config.workspace_root.resolve()
     session_store = SessionStore(sessions, redactor, SessionLeases(leases, ttl=lease_ttl, holder=holder))
     flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor)
-    janitor = WorkspaceJanitor(state, root, config.cleanup_policy)
+    agent = config.git.agent
+    janitor = WorkspaceJanitor(state, root, config.cleanup_policy,
+                               on_delete=functools.partial(forget_mirrors, agent) if agent else None)
     pipeline = TaskPipeline(
         publish=publish, engine=engine, sessions=session_store, flow=flow, janitor=janitor,
         config=config, redactor=redactor, metrics=metrics, agent_tools=agent_tools,

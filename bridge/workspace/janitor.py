@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,11 @@ class WorkspaceJanitor:
 
     def __init__(
         self, store: KeyValueStore, root: Path, default_policy: CleanupPolicy = "manual",
-        *, touch_interval: float = TOUCH_INTERVAL,
+        *, touch_interval: float = TOUCH_INTERVAL, on_delete: Callable[[Path], None] | None = None,
     ) -> None:
+        """``on_delete`` is called with each deleted workspace's path (its git mirrors go too)."""
         self._store = store
+        self._on_delete = on_delete
         self._root = root.resolve()
         self.default_policy = default_policy
         self.touch_interval = touch_interval
@@ -182,6 +185,8 @@ class WorkspaceJanitor:
             log.warning("deleting workspace %s: %d entr%s could not be removed (first: %s)", path, len(failures),
                         "y" if len(failures) == 1 else "ies", failures[0])
         self._recent.pop(str(path), None)
+        if self._on_delete is not None:
+            await asyncio.to_thread(self._on_delete, path)
         await self._store.delete(_PREFIX + str(path))
         log.info("deleted workspace %s", path)
         return True

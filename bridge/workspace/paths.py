@@ -178,9 +178,10 @@ def _enter(fd: int, part: str, here: Path, real_root: Path, *, follow: bool, wha
 
 
 def _walk(fd: int, here: Path, real_root: Path, parts: list[str], *, create: bool, follow: bool, what: str,
-          name: str) -> tuple[int, Path, bool]:
-    """Descend from ``fd`` through ``parts`` (creating missing folders when ``create``); closes
-    ``fd``. Returns the last descriptor, its real path and whether the last folder was created."""
+          name: str, owner: tuple[int, int] | None = None) -> tuple[int, Path, bool]:
+    """Descend from ``fd`` through ``parts`` (creating missing folders when ``create``, given to
+    ``owner`` (uid, gid) when set); closes ``fd``. Returns the last descriptor, its real path and
+    whether the last folder was created."""
     created = False
     try:
         for part in parts:
@@ -189,6 +190,8 @@ def _walk(fd: int, here: Path, real_root: Path, parts: list[str], *, create: boo
                 try:
                     os.mkdir(part, dir_fd=fd)
                     created = True
+                    if owner is not None:
+                        os.chown(part, *owner, dir_fd=fd, follow_symlinks=False)
                 except FileExistsError:
                     pass
             new, here = _enter(fd, part, here, real_root, follow=follow, what=what, name=name)
@@ -214,18 +217,20 @@ def open_workspace(root: Path, name: str) -> Workspace:
     return Workspace(name=name, path=real, created=created)
 
 
-def write_file(workspace: Path, name: str, data: bytes, *, what: str = "input file") -> str:
+def write_file(workspace: Path, name: str, data: bytes, *, what: str = "input file",
+               owner: tuple[int, int] | None = None) -> str:
     """Write ``data`` to ``<workspace>/<name>`` without following any link; returns the relative path.
 
     Missing folders are created; a symlink on any component (the file itself included) or a folder
     where the file should be is refused with :class:`WorkspaceError`. The file is written under a
     temporary name and renamed over the target, so a hard link left in the workspace is replaced,
     never written through. ``workspace`` must be a real path (as :func:`open_workspace` returns).
+    ``owner`` (uid, gid) is given the file and the folders created for it (the agent's user).
     """
     base = Path(workspace)
     parts = relative_parts(base, name, what, "the workspace")
     fd, _, _ = _walk(os.open(base, _DIR_FLAGS | _NOFOLLOW), base, base, parts[:-1], create=True, follow=False,
-                     what=what, name=name)
+                     what=what, name=name, owner=owner)
     try:
         final = parts[-1]
         try:
@@ -242,6 +247,8 @@ def write_file(workspace: Path, name: str, data: bytes, *, what: str = "input fi
                       0o666, dir_fd=fd)
         try:
             with os.fdopen(out, "wb") as handle:
+                if owner is not None:
+                    os.fchown(handle.fileno(), *owner)
                 if info is not None:
                     os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode))
                 handle.write(data)

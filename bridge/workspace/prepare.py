@@ -87,8 +87,14 @@ class WorkspaceFlow:
                                    ErrorType.WORKSPACE_ERROR) from None
 
     def open(self, name: str) -> Workspace:
+        """Create (or reuse) the workspace folder for ``name``; it belongs to the agent's user when
+        there is one (a folder from before ``agent_user`` was set is given to it whole)."""
         try:
-            return open_workspace(self.root, name)
+            workspace = open_workspace(self.root, name)
+            agent = self.git.agent
+            if agent is not None and workspace.path.lstat().st_uid != agent.uid:
+                agent.own_tree(workspace.path)
+            return workspace
         except WorkspaceError as exc:
             raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
         except OSError as exc:
@@ -177,7 +183,9 @@ class WorkspaceFlow:
                     f"input file {name!r} is not staged under input/{task_id}/", ErrorType.INVALID_TASK
                 )
             try:
-                placed.append(await asyncio.to_thread(write_file, workspace.path, name, data))
+                agent = self.git.agent
+                owner = (agent.uid, agent.gid) if agent is not None else None
+                placed.append(await asyncio.to_thread(write_file, workspace.path, name, data, owner=owner))
             except WorkspaceError as exc:
                 raise WorkspaceFailure(str(exc), ErrorType.INVALID_TASK) from None
             except OSError as exc:

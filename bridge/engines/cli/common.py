@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ocbridge.bridge.engines.base import (
     AgentEvent,
@@ -37,6 +37,9 @@ from ocbridge.bridge.engines.base import (
 from ocbridge.bridge.processes import INHERITED_ENV, find_binary, inherited_environment
 
 from .process import MAX_LINE, CLIProcess, run_capture
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.agent_user import AgentUser
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class CLISettings:
     extra_path: list[str] = field(default_factory=list)
     #: Extra command-line arguments, added before the prompt options.
     extra_args: list[str] = field(default_factory=list)
+    #: The user the CLI runs as (``agent_user``); ``None``: the sidecar's.
+    run_as: AgentUser | None = None
     inherit_env: tuple[str, ...] = DEFAULT_INHERITED_ENV
     #: SIGTERM-to-SIGKILL grace when killing a run's process tree.
     kill_grace: float = 2.0
@@ -180,6 +185,8 @@ class CLIEngine(Engine):
             self._temporary_state = True
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_state(self._state_dir)
+        if self.settings.run_as is not None:
+            self.settings.run_as.own_tree(self._state_dir)
         env = self.environment()
         binary = self.settings.binary
         try:
@@ -188,7 +195,8 @@ class CLIEngine(Engine):
         except FileNotFoundError as exc:
             raise EngineError(str(exc)) from None
         code, out, err = await run_capture(
-            [self.binary, "--version"], cwd=self._state_dir, env=env, timeout=self.settings.command_timeout
+            [self.binary, "--version"], cwd=self._state_dir, env=env, timeout=self.settings.command_timeout,
+            spawn=self._spawn_options(),
         )
         if code != 0:
             raise EngineError(f"{self.binary} --version failed with code {code}: {stderr_excerpt(err)}")
@@ -288,7 +296,11 @@ class CLIEngine(Engine):
                  env: dict[str, str] | None = None) -> CLIProcess:  # fmt: skip
         s = self.settings
         return CLIProcess(argv, cwd=directory, env={**self.environment(), **(env or {})}, stdin_data=stdin,
-                          kill_grace=s.kill_grace, max_line=s.max_line_bytes)  # fmt: skip
+                          kill_grace=s.kill_grace, max_line=s.max_line_bytes, spawn=self._spawn_options())  # fmt: skip
+
+    def _spawn_options(self) -> dict[str, Any]:
+        run_as = self.settings.run_as
+        return run_as.spawn_options() if run_as is not None else {}
 
     async def _attempt(self, run: _Run, on_event: EventSink) -> tuple[int, str]:
         """Run ``run.proc`` to its end: ``(exit code, stderr tail)``."""
@@ -341,7 +353,8 @@ class CLIEngine(Engine):
         """Run a short helper command of the CLI (same environment as the runs)."""
         try:
             return await run_capture(
-                [self.binary, *args], cwd=cwd, env=self.environment(), timeout=self.settings.command_timeout
+                [self.binary, *args], cwd=cwd, env=self.environment(), timeout=self.settings.command_timeout,
+                spawn=self._spawn_options(),
             )
         except EngineError as exc:
             if not self.healthy():

@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 
@@ -85,8 +86,11 @@ class CLIProcess:
         stderr_limit: int = 64 * 1024,
         kill_grace: float = 2.0,
         max_line: int = MAX_LINE,
+        spawn: Mapping[str, Any] | None = None,
     ) -> None:
+        """``spawn``: extra ``create_subprocess_exec`` options (the user to run as)."""
         self.argv = list(argv)
+        self._spawn = dict(spawn or {})
         self.max_line = max_line
         self.dropped_lines = 0
         self.cwd = str(cwd)
@@ -124,6 +128,7 @@ class CLIProcess:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 preexec_fn=die_with_parent_hook(),
+                **self._spawn,
             )
         except OSError as exc:
             raise EngineError(f"cannot start {self.argv[0]} in {self.cwd}: {exc}") from exc
@@ -273,11 +278,12 @@ def _pids(procs: Iterable[psutil.Process]) -> list[int]:
 
 
 async def run_capture(
-    argv: Sequence[str], *, cwd: Path | str, env: Mapping[str, str], timeout: float = 30.0
+    argv: Sequence[str], *, cwd: Path | str, env: Mapping[str, str], timeout: float = 30.0,
+    spawn: Mapping[str, Any] | None = None,
 ) -> tuple[int, str, str]:
     """Run a short command to completion: ``(exit code, stdout, stderr tail)``; the tree is killed
     on timeout (exit code then negative) or cancellation."""
-    async with CLIProcess(argv, cwd=cwd, env=env) as proc:
+    async with CLIProcess(argv, cwd=cwd, env=env, spawn=spawn) as proc:
         chunks: list[bytes] = []
 
         async def read_all() -> None:

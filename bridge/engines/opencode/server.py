@@ -151,6 +151,10 @@ class OpenCodeProcess:
     def _prepare_state_dir(self, root: Path) -> None:
         prepare_opencode_home(root)
         self.log_path = root / "opencode-server.log"
+        if self.settings.run_as is not None:
+            self.settings.run_as.own_tree(root)
+            # Out of the agent's folder: it could put a link there for the sidecar to write through.
+            self.log_path = root.with_name(f"{root.name}-server.log")
         self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived
 
     def _environment(self) -> dict[str, str]:
@@ -193,6 +197,7 @@ class OpenCodeProcess:
             cwd=str(self.state_dir),
             start_new_session=True,  # own process group: stop() kills the tools it spawned too
             preexec_fn=die_with_parent_hook(),  # a SIGKILLed sidecar must not leave its server behind
+            **(s.run_as.spawn_options() if s.run_as is not None else {}),
         )
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._recent.clear()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ocbridge.client.mappings import deep_merge
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.agent_user import AgentUser
 
 PermissionPolicy = Literal["allow", "deny"]
 
@@ -112,6 +115,8 @@ class OpenCodeSettings:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Directories prepended to the server's PATH (ripgrep for the glob/grep tools).
     extra_path: list[str] = field(default_factory=list)
+    #: The user the managed server (and so every tool command) runs as (``agent_user``).
+    run_as: AgentUser | None = None
 
     @property
     def managed(self) -> bool:

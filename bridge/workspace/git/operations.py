@@ -15,6 +15,7 @@ from ocbridge.client.protocol import GitOpRequest, GitOpResult
 
 from .changes import changes_since, diff_trees, empty_tree
 from .errors import GitError, GitInputError
+from .mirror import Mirror
 from .repo import current_branch, has_ref, head_commit, is_repo, remote_url, remotes, upstream
 from .runner import GitCredentials, run_git, summarize_stderr
 from .safety import check_branch_name, check_ref, check_remote_name, parse_remote_url, redact_git_url
@@ -117,8 +118,17 @@ async def push(path: Path, *, remote: str = "origin", branch: str | None = None,
             "--", remote, f"refs/heads/{branch}:refs/heads/{branch}"]
     with GitCredentials(secret, checked.origin, username=checked.username or settings.token_username,
                         redactor=redactor) as creds:
-        result = await run_git(args, path, settings=settings, credentials=creds, timeout=settings.push_timeout,
-                               check=False, redactor=redactor)
+        if settings.agent is None:
+            result = await run_git(args, path, settings=settings, credentials=creds,
+                                   timeout=settings.push_timeout, check=False, redactor=redactor)
+        else:
+            result = await Mirror(path, checked.url, settings=settings, redactor=redactor).push(
+                branch, remote, credentials=creds)
+            if result.code == 0 and set_upstream:
+                await run_git(["config", f"branch.{branch}.remote", remote], path, settings=settings,
+                              redactor=redactor)
+                await run_git(["config", f"branch.{branch}.merge", f"refs/heads/{branch}"], path,
+                              settings=settings, redactor=redactor)
         # Porcelain lines: "<flag>\t<from>:<to>\t<summary>"; flag "!" = rejected.
         lines = [line.split("\t")[:3] for line in result.stdout.splitlines() if line.count("\t") >= 2]
         summary = "; ".join(f"{ref.split(':')[-1]} {text}" for _, ref, text in lines)

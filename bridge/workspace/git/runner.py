@@ -248,6 +248,7 @@ async def run_git(
     input: bytes | None = None,
     max_stdout: int | None = None,
     redactor: Redactor | None = None,
+    as_sidecar: bool = False,
 ) -> GitResult:
     """Run ``git <hardening -c options> <args>`` in its own process group.
 
@@ -255,6 +256,10 @@ async def run_git(
     ``timeout`` seconds (default ``settings.local_timeout``; the process group is killed and reaped),
     and :class:`GitError` with git's redacted stderr when the exit code is not 0 and ``check`` is
     true. Cancellation kills the process too.
+
+    With ``settings.agent`` set, git runs as the agent's user (commands in workspaces) unless
+    ``as_sidecar`` (commands in the sidecar's own mirrors); credentials are refused for the agent's
+    user, whose other processes could read them.
     """
     settings = settings or GitSettings()
     redactor = redactor or default_redactor
@@ -264,20 +269,34 @@ async def run_git(
     config = git_config_args(settings)
     for item in config_items:
         config += ["-c", item]
+    agent = None if as_sidecar else settings.agent
     if credentials is not None and credentials.active:
+        if agent is not None:
+            raise RuntimeError("a git token must not reach a process of the agent's user (use the mirror)")
         extra.update(credentials.env)
         config += credentials.config
     argv = ["git", *config, *args]
     what = next((a for a in args if not a.startswith("-")), "git")
+    child_env = git_env(settings, extra)
+    spawn: dict[str, object] = {}
+    if agent is not None:
+        for name in ("XDG_CONFIG_HOME", "SSH_AUTH_SOCK", "SSH_AGENT_PID"):
+            child_env.pop(name, None)
+        child_env["HOME"] = str(agent.home("git"))
+        child_env["GIT_CONFIG_GLOBAL"] = str(agent.git_config)
+        spawn = agent.spawn_options()
+    elif as_sidecar and settings.agent is not None:
+        spawn = {"umask": 0o022}  # the agent's git reads the mirror
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=str(cwd) if cwd is not None else None,
-            env=git_env(settings, extra),
+            env=child_env,
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            **spawn,  # type: ignore[arg-type]
         )
     except OSError as exc:
         raise GitError(f"cannot run git {what}: {exc.strerror}", redactor=redactor) from None

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from ocbridge.bridge.agent_user import AgentUser
 
 #: Transports that can be enabled. ``ext``, ``fd`` and other remote helpers are never allowed:
 #: they run arbitrary commands.
@@ -51,6 +55,20 @@ class GitSettings(BaseModel):
     snapshot_file_limit: int = Field(default=512 * 1024, ge=0)
     #: ... up to this many bytes in total (beyond it, changes are listed without line counts).
     snapshot_budget: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Not configuration: set by the sidecar from its ``agent_user`` (see :meth:`for_agent`).
+    _agent: AgentUser | None = PrivateAttr(default=None)
+
+    @property
+    def agent(self) -> AgentUser | None:
+        """The user git runs as in workspaces (``None``: the sidecar's own)."""
+        return self._agent
+
+    def for_agent(self, agent: AgentUser | None) -> GitSettings:
+        """A copy whose git commands in workspaces run as ``agent``, and whose network operations
+        go through sidecar-owned mirrors (:mod:`.mirror`)."""
+        copy = self.model_copy()
+        copy._agent = agent
+        return copy
 
     @field_validator("allowed_schemes")
     @classmethod

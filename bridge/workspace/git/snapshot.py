@@ -126,10 +126,19 @@ def _walk(root: Path):
 
 
 def _read(path: Path) -> bytes | None:
+    # Never through a link: the agent may have swapped the file for one since the walk saw it (the
+    # sidecar may read what the agent's user cannot).
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return handle.read()
+        except OSError:
+            return None
 
 
 def _entry(st: os.stat_result, link: str | None) -> Entry:

@@ -31,6 +31,7 @@ from ocbridge.bridge.redact import Redactor, default_redactor
 from ocbridge.client.protocol import EventGit
 
 from .errors import GitError
+from .mirror import Mirror
 from .repo import (
     current_branch,
     has_ref,
@@ -96,11 +97,27 @@ class _Ctx:
     redactor: Redactor
     emit: Emit | None
     shown_url: str
+    #: Set when the workspace belongs to the agent's user: the remote is reached through it.
+    mirror: Mirror | None = None
 
-    async def git(self, args: list[str], *, timeout: float | None = None, check: bool = True,
-                  network: bool = False) -> GitResult:
+    async def git(self, args: list[str], *, timeout: float | None = None, check: bool = True) -> GitResult:
         return await run_git(args, self.path, settings=self.settings, timeout=timeout, check=check,
-                             credentials=self.creds if network else None, redactor=self.redactor)
+                             redactor=self.redactor)
+
+    async def fetch(self, args: list[str], *, timeout: float | None = None, check: bool = True,
+                    want: str | None = None) -> GitResult:
+        """Run a ``git fetch`` from origin; through the mirror (brought up to date first, with
+        ``want`` in it) when there is one."""
+        timeout = self.settings.fetch_timeout if timeout is None else timeout
+        if self.mirror is None:
+            return await run_git(args, self.path, settings=self.settings, timeout=timeout, check=check,
+                                 credentials=self.creds, redactor=self.redactor)
+        failed = await self.mirror.refresh(credentials=self.creds, depth="--depth" in args,
+                                           unshallow="--unshallow" in args, wants=[want] if want else [],
+                                           check=check)
+        if failed is not None:
+            return failed
+        return await self.mirror.agent_git(args, self.path, timeout=timeout, check=check)
 
     async def event(self, event_type: str, content: str | None = None) -> None:
         if self.emit is None:
@@ -142,8 +159,9 @@ async def prepare(
         redactor.add(remote.secret)
     try:
         with GitCredentials(secret, remote.origin, username=username, redactor=redactor) as creds:
+            mirror = Mirror(path, remote.url, settings=settings, redactor=redactor) if settings.agent else None
             ctx = _Ctx(path=path, remote=remote, settings=settings, creds=creds, redactor=redactor, emit=emit,
-                       shown_url=redactor.text(redact_git_url(remote.url)))
+                       shown_url=redactor.text(redact_git_url(remote.url)), mirror=mirror)
             if is_repo(path):
                 return await _reuse(ctx, branch=branch, ref=ref, pull=spec.pull is not False)
             return await _clone(ctx, branch=branch, ref=ref, shallow=shallow)
@@ -165,8 +183,12 @@ async def _clone(ctx: _Ctx, *, branch: str | None, ref: str | None, shallow: boo
         args += ["--branch", branch]
     args += ["--", ctx.remote.url, str(path)]
     try:
-        await run_git(args, path.parent, settings=ctx.settings, timeout=ctx.settings.clone_timeout,
-                      credentials=ctx.creds, redactor=ctx.redactor)
+        if ctx.mirror is None:
+            await run_git(args, path.parent, settings=ctx.settings, timeout=ctx.settings.clone_timeout,
+                          credentials=ctx.creds, redactor=ctx.redactor)
+        else:
+            await ctx.mirror.clone(credentials=ctx.creds, branch=branch, shallow=shallow)
+            await ctx.mirror.agent_git(args, path.parent, timeout=ctx.settings.clone_timeout)
     except BaseException:
         # The folder was empty before: whatever is in it now is a partial clone.
         _empty_folder(path)
@@ -202,7 +224,7 @@ async def _reuse(ctx: _Ctx, *, branch: str | None, ref: str | None, pull: bool) 
 
     skipped: str | None = None
     if pull:
-        await ctx.git(["fetch", "--quiet", "--prune", "--", "origin"], timeout=settings.fetch_timeout, network=True)
+        await ctx.fetch(["fetch", "--quiet", "--prune", "--", "origin"])
         if branch and not await has_ref(path, f"refs/remotes/origin/{branch}", settings=settings, redactor=redactor):
             await _fetch_other_branch(ctx, branch)
 
@@ -241,8 +263,8 @@ async def _fetch_other_branch(ctx: _Ctx, branch: str) -> None:
     refspecs = (await ctx.git(["config", "--get-all", "remote.origin.fetch"], check=False)).stdout.split()
     if "+refs/heads/*:refs/remotes/origin/*" in refspecs:
         return  # already fetched everything: the branch does not exist on origin
-    result = await ctx.git(["fetch", "--quiet", "--", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}"],
-                           timeout=ctx.settings.fetch_timeout, check=False, network=True)
+    result = await ctx.fetch(["fetch", "--quiet", "--", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}"],
+                             check=False)
     if result.code == 0:
         await ctx.git(["remote", "set-branches", "--add", "origin", branch])
 
@@ -293,19 +315,18 @@ async def _checkout_ref(ctx: _Ctx, ref: str, *, may_fetch: bool) -> str:
 
 async def _fetch_ref(ctx: _Ctx, ref: str) -> str | None:
     """Fetch a tag or commit that a (shallow or single-branch) clone does not have."""
-    timeout = ctx.settings.fetch_timeout
     shallow = await is_shallow(ctx.path, settings=ctx.settings, redactor=ctx.redactor)
     depth = ["--depth", "1"] if shallow else []
-    # (fetch arguments, what to resolve afterwards)
-    attempts: list[tuple[list[str], str]] = []
+    # (fetch arguments, what the mirror must hold, what to resolve afterwards)
+    attempts: list[tuple[list[str], str | None, str]] = []
     if not ref.startswith("refs/") and not looks_like_object_id(ref):
-        attempts.append((["fetch", "--quiet", *depth, "--", "origin", f"+refs/tags/{ref}:refs/tags/{ref}"], ref))
-    attempts.append((["fetch", "--quiet", *depth, "--", "origin", ref], "FETCH_HEAD"))
+        attempts.append((["fetch", "--quiet", *depth, "--", "origin", f"+refs/tags/{ref}:refs/tags/{ref}"], None, ref))
+    attempts.append((["fetch", "--quiet", *depth, "--", "origin", ref], ref, "FETCH_HEAD"))
     if shallow:
         # Last resort: the server refuses to serve an arbitrary commit; fetch the whole history.
-        attempts.append((["fetch", "--quiet", "--unshallow", "--tags", "--", "origin"], ref))
-    for args, name in attempts:
-        result = await ctx.git(args, timeout=timeout, check=False, network=True)
+        attempts.append((["fetch", "--quiet", "--unshallow", "--tags", "--", "origin"], None, ref))
+    for args, want, name in attempts:
+        result = await ctx.fetch(args, check=False, want=want)
         if result.code == 0:
             commit = await resolve_commit(ctx.path, name, settings=ctx.settings, redactor=ctx.redactor)
             if commit and (name != "FETCH_HEAD" or not looks_like_object_id(ref) or commit.startswith(ref.lower())):
