@@ -20,6 +20,7 @@ its reach:
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -27,7 +28,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _NUMERIC = re.compile(r"(\d+)(?::(\d+))?")
 
@@ -99,6 +100,20 @@ class AgentUser:
         self.own_tree(home)
         home.chmod(stat.S_IRWXU)
         return home
+
+
+def open_agent_file(path: Path) -> BinaryIO:
+    """Open for reading a file in a folder the agent writes (its state, a log, a workspace) without
+    following a link it may have put there: the sidecar may read what the agent's user cannot.
+    Raises :class:`OSError` (``ELOOP`` for a link) like :func:`open`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def resolve_agent_user(spec: str, data_dir: Path) -> AgentUser:

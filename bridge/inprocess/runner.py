@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.config import BridgeConfig, ConfigError
 from ocbridge.bridge.engines.base import Engine
 from ocbridge.bridge.engines.factory import EngineHost
 from ocbridge.bridge.pipeline.retry import RetryTask
@@ -73,6 +73,10 @@ class LocalRunner:
 
     async def start(self) -> None:
         config = self.config
+        if config.agent_user:
+            # The user switch needs a root sidecar with a private data_dir: not a library call's job.
+            raise ConfigError("agent_user is a setting of `ocbridge serve`; the in-process runner "
+                              "runs the agent as the calling user")
         data = config.data_dir.resolve()
         self._host = EngineHost(config, data_dir=data, engine=self.engine)
         try:

@@ -221,6 +221,38 @@ async def test_image_runs_a_task_from_the_host_and_stops_on_sigterm(image: str, 
         assert password not in logs
 
 
+async def test_image_runs_the_agent_under_its_own_user(image: str, tmp_path: Path):
+    """``--user 0`` and ``OCBRIDGE_AGENT_USER=agent``: the agent runs as the image's ``agent`` user
+    (uid 10002), owns the workspace, and cannot read the sidecar's data folder."""
+    workspaces, data = tmp_path / "workspaces", tmp_path / "data"
+    for folder in (workspaces, data):
+        folder.mkdir()
+    http_port = free_port()
+    async with AuthNats(tmp_path / "nats", "ocbridge", "agent-test-pw") as nats, container(
+        image, "--network=host", "--user", "0",
+        "-v", f"{workspaces}:/workspaces", "-v", f"{data}:/data",
+        "-e", f"OCBRIDGE_NATS_URL={nats.url}", "-e", "OCBRIDGE_NATS_USER=ocbridge",
+        "-e", "OCBRIDGE_NATS_PASSWORD=agent-test-pw", "-e", "OCBRIDGE_AGENT_USER=agent",
+        "-e", "OCBRIDGE_OFFLINE_MODEL=true", "-e", f"OCBRIDGE_HTTP_PORT={http_port}",
+    ) as name:
+        await wait_ready(name, f"http://127.0.0.1:{http_port}")
+        client = await CodingClient.connect(NatsOptions(url=nats.url, user="ocbridge", password="agent-test-pw"))
+        try:
+            result = await client.run(
+                "create probe.sh with content id -u > uid.txt\\nls /data > data.txt 2>&1\\n\nrun sh probe.sh",
+                workspace="agent-demo", wait=120,
+            )
+        finally:
+            await client.close()
+        assert result.status == TaskStatus.COMPLETED, result.error
+        folder = workspaces / "agent-demo"
+        assert (folder / "uid.txt").read_text().strip() == "10002"
+        assert "Permission denied" in (folder / "data.txt").read_text()
+        assert {path.stat().st_uid for path in [folder, *folder.iterdir()]} == {10002}
+        _, logs = await podman("logs", name)
+        assert "agents run as agent (uid 10002" in logs
+
+
 async def test_image_is_small_non_root_and_keeps_no_build_configuration(image: str):
     _, size = await podman("image", "inspect", "--format", "{{.Size}}", image)
     assert int(size) < SIZE_BUDGET, f"{image} is {int(size) / 1e6:.0f} MB"

@@ -119,3 +119,12 @@ def test_only_the_given_environment_is_read(monkeypatch):
     assert BridgeConfig.model_validate({"concurrency": 4}).concurrency == 4
     with pytest.raises(ConfigError, match="concurrency"):
         load_config()
+
+
+async def test_agent_user_is_read_from_the_environment_and_refused_in_process(tmp_path):
+    from ocbridge.bridge.inprocess import LocalRunner
+
+    config = load_config(environ={"OCBRIDGE_AGENT_USER": "agent", "OCBRIDGE_DATA_DIR": str(tmp_path)})
+    assert config.agent_user == "agent"
+    with pytest.raises(ConfigError, match="agent_user is a setting of `ocbridge serve`"):
+        await LocalRunner(config).start()

@@ -188,3 +188,19 @@ def test_remove_tree_deletes_only_under_the_root(layout):
         with pytest.raises(WorkspaceError):
             remove_tree(root, target, lambda p, e: errors.append(p))
     assert (outside / "secret.txt").read_text() == "keep me\n"
+
+
+def test_files_the_agent_writes_are_read_without_following_links_or_blocking(tmp_path):
+    from ocbridge.bridge.agent_user import open_agent_file
+
+    secret = tmp_path / "sidecar-only.txt"
+    secret.write_text("secret")
+    (tmp_path / "transcript.jsonl").symlink_to(secret)
+    with pytest.raises(OSError):
+        open_agent_file(tmp_path / "transcript.jsonl")
+    os.mkfifo(tmp_path / "log.fifo")  # opening a FIFO for reading would wait for a writer
+    with pytest.raises(OSError, match="not a regular file"):
+        open_agent_file(tmp_path / "log.fifo")
+    (tmp_path / "plain.log").write_bytes(b"line\n")
+    with open_agent_file(tmp_path / "plain.log") as handle:
+        assert handle.read() == b"line\n"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ocbridge.bridge.agent_user import open_agent_file
 from ocbridge.bridge.engines.base import (
     AgentEvent,
     EngineError,
@@ -204,7 +205,7 @@ def session_cost(transcript: Path) -> float:
     """The session's total cost so far: the last ``cost-state`` entry of its transcript (0 if none)."""
     total = 0.0
     try:
-        with transcript.open("rb") as lines:
+        with open_agent_file(transcript) as lines:
             for line in lines:
                 # Cheap prefix test first: transcripts hold megabytes of other entries.
                 if b'"cost-state"' in line[:64]:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Literal
 
+from ocbridge.bridge.agent_user import open_agent_file
 from ocbridge.bridge.engines.base import EngineError
 from ocbridge.bridge.processes import (
     PROVIDER_ENV,
@@ -263,7 +264,7 @@ class OpenCodeProcess:
             logs = sorted((self.state_dir / "data" / "opencode" / "log").glob("*.log"),
                           key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
             for path in logs[:2]:
-                with open(path, "rb") as file:
+                with open_agent_file(path) as file:
                     file.seek(max(0, path.stat().st_size - _LOG_TAIL))
                     tail = file.read(_LOG_TAIL)
                 for line in reversed(tail.splitlines()):

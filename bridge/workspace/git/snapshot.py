@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ocbridge.bridge.agent_user import open_agent_file
 from ocbridge.client.protocol import FileChange
 
 _BINARY_PROBE = 8000  # bytes git inspects for a NUL to call a file binary
@@ -129,16 +130,10 @@ def _read(path: Path) -> bytes | None:
     # Never through a link: the agent may have swapped the file for one since the walk saw it (the
     # sidecar may read what the agent's user cannot).
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open_agent_file(path) as handle:
+            return handle.read()
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as handle:
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            return handle.read()
-        except OSError:
-            return None
 
 
 def _entry(st: os.stat_result, link: str | None) -> Entry:
