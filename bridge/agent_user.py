@@ -25,7 +25,10 @@ import grp
 import os
 import pwd
 import re
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -79,11 +82,28 @@ class AgentUser:
                 with contextlib.suppress(FileNotFoundError):
                     os.lchown(os.path.join(parent, name), self.uid, self.gid)
 
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private temporary folder the agent's git may write (a throwaway index, a bundle),
+        removed on the way out."""
+        folder = Path(tempfile.mkdtemp(prefix="scratch-", dir=self.home("git")))
+        try:
+            self.own(folder)
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def prepare(self) -> None:
         """Lay out ``data_dir`` (``0711``, sidecar-owned) with the agent's folder in it."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.data_dir, os.geteuid(), os.getegid())
         self.data_dir.chmod(0o711)
+        # What earlier runs left (a JetStream store, logs) with other modes: closed at the top,
+        # since the agent knows the layout and may pass through data_dir.
+        for child in self.data_dir.iterdir():
+            info = child.lstat()
+            if info.st_uid != self.uid and not stat.S_ISLNK(info.st_mode):
+                child.chmod(stat.S_IMODE(info.st_mode) & ~0o077)
         self.mirror_root.mkdir(exist_ok=True)
         self.mirror_root.chmod(0o711)
         self.git_config.write_text("[safe]\n\tdirectory = *\n")
@@ -92,6 +112,16 @@ class AgentUser:
         agent.mkdir(exist_ok=True)
         agent.chmod(0o711)
         self.make_home("git")
+
+    def reach(self, path: Path, root: Path) -> None:
+        """Let the agent's user pass through the folders between ``root`` and ``path`` (the parents
+        of a nested workspace the sidecar created with its private umask)."""
+        for parent in path.parents:
+            if parent == root or root not in parent.parents:
+                return
+            info = parent.lstat()
+            if info.st_uid != self.uid and not info.st_mode & stat.S_IXOTH:
+                parent.chmod(stat.S_IMODE(info.st_mode) | 0o711)
 
     def make_home(self, name: str) -> Path:
         """Create (if needed) the agent-owned home ``name``; returns its path."""
@@ -114,6 +144,14 @@ def open_agent_file(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def copy_agent_file(source: Path, target: Path) -> os.stat_result:
+    """Copy a file the agent wrote (:func:`open_agent_file`) to a new ``target``; returns the
+    source's stat."""
+    with open_agent_file(source) as src, open(target, "xb") as dst:
+        shutil.copyfileobj(src, dst)
+        return os.fstat(src.fileno())
 
 
 def resolve_agent_user(spec: str, data_dir: Path) -> AgentUser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class WorkspaceFlow:
             workspace = open_workspace(self.root, name)
             agent = self.git.agent
             if agent is not None and workspace.path.lstat().st_uid != agent.uid:
+                agent.reach(workspace.path, Path(os.path.realpath(self.root)))
                 agent.own_tree(workspace.path)
             return workspace
         except WorkspaceError as exc:

@@ -98,6 +98,14 @@ def test_the_agent_user_must_be_someone_else_and_the_sidecar_root(tmp_path):
 
 def test_data_dir_is_passable_not_readable_and_homes_belong_to_the_agent(agent):
     assert stat.S_IMODE(agent.data_dir.stat().st_mode) == 0o711
+    # What an earlier run left there readable is closed when the sidecar starts again.
+    (agent.data_dir / "nats").mkdir(mode=0o755)
+    (agent.data_dir / "old.log").write_text("x")
+    (agent.data_dir / "old.log").chmod(0o644)
+    agent.prepare()
+    assert stat.S_IMODE((agent.data_dir / "nats").stat().st_mode) == 0o700
+    assert stat.S_IMODE((agent.data_dir / "old.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE(agent.git_config.stat().st_mode) == 0o644
     home = agent.home("git")
     assert home.stat().st_uid == AGENT_UID and stat.S_IMODE(home.stat().st_mode) == 0o700
     assert agent.mirror_root.stat().st_uid == os.geteuid()
@@ -206,3 +214,50 @@ async def test_the_agent_runs_as_its_user_and_cannot_read_the_sidecars_files(age
     assert owners(ws) == {AGENT_UID}
     assert {c.path for c in result.changes} >= {"probe.sh", "uid.txt", "leak.txt"}
     assert CANARY not in (ws / "leak.txt").read_text()
+
+
+@pytest.fixture
+async def agent_git_stack(nats_server, shared_tmp) -> AsyncIterator[tuple[Sidecar, CodingClient]]:
+    require_tools()
+    naming = unique_naming()
+    git_settings = {"allow_file_urls": True, "user_name": "Bridge Bot", "user_email": "bot@example.com"}
+    config = sidecar_config(nats_server.url, shared_tmp, naming, agent_user="nobody", git=git_settings)
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    client = await CodingClient.connect(nats_server.url, naming=naming)
+    yield sidecar, client
+    await client.close()
+    await sidecar.stop(grace=5)
+
+
+@pytest.mark.slow
+async def test_a_git_session_works_end_to_end_as_the_agents_user(agent_git_stack, tmp_path):
+    sidecar, client = agent_git_stack
+    remote = make_remote(tmp_path / "remotes")
+    url = f"file://{remote.bare}"
+    # A nested name: the folder between the root and the workspace is the sidecar's, passable.
+    opened = await client.op({"op": "open", "session": "ag-s", "workspace": "team/ag-ws", "git": {"url": url},
+                              "cleanup": "on_session_end"})
+    assert opened.ok and opened.repo_cloned, opened.error
+    done = await client.run("create notes.txt with content hi\nedit src/app.py replace return 2 with return 3",
+                            workspace="team/ag-ws", session="ag-s", wait=120)
+    assert done.status == "completed", done.error
+    assert {(c.path, c.status) for c in done.changes} == {("notes.txt", "added"), ("src/app.py", "modified")}
+    assert "+    return 3" in (await client.artifact(done.patch)).decode()
+    path = Path(sidecar.config.workspace_root).resolve() / "team" / "ag-ws"
+    assert owners(path) == {AGENT_UID}
+
+    committed = await client.op({"op": "commit", "session": "ag-s", "message": "agent work"})
+    assert committed.ok and (committed.files_changed, committed.insertions) == (2, 2), committed.error
+    pushed = await client.op({"op": "push", "session": "ag-s", "setUpstream": True})
+    assert pushed.ok, pushed.error
+    assert remote.log("trunk")[0] == committed.commit_hash
+    status = await client.op({"op": "status", "session": "ag-s"})
+    assert status.ok and status.dirty is False and status.ahead == 0
+    assert owners(path) == {AGENT_UID}
+
+    agent = sidecar.config.git.agent
+    assert agent is not None and list(agent.mirror_root.glob("*.git"))
+    closed = await client.op({"op": "close", "session": "ag-s"})
+    assert closed.ok and closed.cleaned_up and not path.exists()
+    assert list(agent.mirror_root.glob("*.git")) == []

@@ -13,12 +13,14 @@ Non-git workspaces: a before/after snapshot of the tree (see :mod:`.snapshot`).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ocbridge.bridge.agent_user import AgentUser, copy_agent_file
 from ocbridge.bridge.redact import Redactor
 from ocbridge.client.protocol import FileChange, ResultGit
 
@@ -143,11 +145,12 @@ async def worktree_tree(path: Path, *, settings: GitSettings | None = None, reda
     index = (await run_git(["rev-parse", "--git-path", "index"], path, settings=settings,
                            redactor=redactor)).stdout.strip()
     real_index = Path(index) if Path(index).is_absolute() else path / index
-    with tempfile.TemporaryDirectory(prefix="ocbridge-index-") as tmp:
+    agent = settings.agent
+    # The agent's git writes the index: then in a folder of the agent's user.
+    with agent.scratch() if agent is not None else tempfile.TemporaryDirectory(prefix="ocbridge-index-") as tmp:
         temp_index = Path(tmp) / "index"
         if real_index.exists():
-            # copy2 keeps the mtime: git's racy-clean check then trusts the cached stat data.
-            await asyncio.to_thread(shutil.copy2, real_index, temp_index)
+            await asyncio.to_thread(_copy_index, real_index, temp_index, agent)
         env = {"GIT_INDEX_FILE": str(temp_index)}
         added = await run_git(["add", "--all", "--ignore-errors"], path, settings=settings, env=env, check=False,
                               redactor=redactor)
@@ -155,6 +158,17 @@ async def worktree_tree(path: Path, *, settings: GitSettings | None = None, reda
             raise GitError("cannot read the work tree: git add failed", stderr=added.stderr, redactor=redactor)
         tree = await run_git(["write-tree"], path, settings=settings, env=env, redactor=redactor)
     return tree.stdout.strip()
+
+
+def _copy_index(source: Path, target: Path, agent: AgentUser | None) -> None:
+    """Copy the index keeping its times (git's racy-clean check then trusts the cached stat data);
+    from an agent-owned repository without following a link it may have put there."""
+    if agent is None:
+        shutil.copy2(source, target)
+        return
+    times = copy_agent_file(source, target)
+    os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))
+    agent.own(target)
 
 
 async def empty_tree(path: Path, *, settings: GitSettings | None = None, redactor: Redactor | None = None) -> str:

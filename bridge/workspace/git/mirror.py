@@ -20,14 +20,14 @@ by the sidecar only), and the workspace's git, run as the agent's user, talks on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ocbridge.bridge.agent_user import AgentUser
+from ocbridge.bridge.agent_user import AgentUser, copy_agent_file
 from ocbridge.bridge.redact import Redactor
 
 from .runner import GitCredentials, GitResult, allowed_protocols, run_git
@@ -164,20 +164,16 @@ class Mirror:
         known = (await run_git(["for-each-ref", "--format=%(objectname)", f"refs/remotes/{remote}/"],
                                self.workspace, settings=self.settings, redactor=self.redactor)).stdout.split()
         present = await self._present(known)
-        outbox = Path(tempfile.mkdtemp(prefix="push-", dir=agent.home("git")))
-        try:
-            agent.own(outbox)
+        with agent.scratch() as outbox:
             bundle = outbox / "branch.bundle"
             await run_git(["bundle", "create", "--quiet", str(bundle), f"refs/heads/{branch}",
                            *(["--not", *present] if present else [])], self.workspace, settings=self.settings,
                           redactor=self.redactor)
             with tempfile.TemporaryDirectory(prefix="ocbridge-bundle-") as private:
                 copy = Path(private) / "branch.bundle"
-                _copy_no_follow(bundle, copy)
+                await asyncio.to_thread(copy_agent_file, bundle, copy)
                 await self._git(["fetch", "--quiet", "--", str(copy), f"refs/heads/{branch}"], local=True,
                                 timeout=self.settings.push_timeout)
-        finally:
-            shutil.rmtree(outbox, ignore_errors=True)
 
     async def _present(self, objects: Sequence[str]) -> list[str]:
         """Those of ``objects`` the mirror has."""
@@ -188,10 +184,3 @@ class Mirror:
         # A missing object is answered "<id> missing".
         wanted = set(objects)
         return [line for line in result.stdout.splitlines() if line in wanted]
-
-
-def _copy_no_follow(source: Path, target: Path) -> None:
-    """Copy a file the agent wrote without following a link it may have put in its place."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
