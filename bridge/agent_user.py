@@ -146,12 +146,19 @@ def open_agent_file(path: Path) -> BinaryIO:
         raise
 
 
-def copy_agent_file(source: Path, target: Path) -> os.stat_result:
-    """Copy a file the agent wrote (:func:`open_agent_file`) to a new ``target``; returns the
-    source's stat."""
+def copy_agent_file(source: Path, target: Path, *, owner: AgentUser | None = None,
+                    keep_times: bool = False) -> None:
+    """Copy a file the agent wrote (:func:`open_agent_file`) to a new ``target``, given to
+    ``owner`` and with the source's times when asked (through the new file's descriptor: its
+    folder may be the agent's, which could put a link in its place meanwhile)."""
     with open_agent_file(source) as src, open(target, "xb") as dst:
         shutil.copyfileobj(src, dst)
-        return os.fstat(src.fileno())
+        dst.flush()
+        if keep_times:
+            times = os.fstat(src.fileno())
+            os.utime(dst.fileno(), ns=(times.st_atime_ns, times.st_mtime_ns))
+        if owner is not None:
+            os.fchown(dst.fileno(), owner.uid, owner.gid)
 
 
 def resolve_agent_user(spec: str, data_dir: Path) -> AgentUser:

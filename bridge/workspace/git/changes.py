@@ -13,7 +13,6 @@ Non-git workspaces: a before/after snapshot of the tree (see :mod:`.snapshot`).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -166,9 +165,7 @@ def _copy_index(source: Path, target: Path, agent: AgentUser | None) -> None:
     if agent is None:
         shutil.copy2(source, target)
         return
-    times = copy_agent_file(source, target)
-    os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))
-    agent.own(target)
+    copy_agent_file(source, target, owner=agent, keep_times=True)
 
 
 async def empty_tree(path: Path, *, settings: GitSettings | None = None, redactor: Redactor | None = None) -> str:
