@@ -98,7 +98,12 @@ class Sidecar:
             # Whatever the sidecar (and the NATS server it starts) writes is its own: the agent's
             # user may pass through data_dir, so a file it can name must not be readable.
             self._umask = os.umask(0o077)
-            config = self.config = self._separate_agent(config, data_dir)
+            try:
+                config = self.config = self._separate_agent(config, data_dir)
+            except BaseException:
+                os.umask(self._umask)
+                self._umask = None
+                raise
         try:
             # Traces from OTEL_* (off unless an exporter is named); flushed by stop().
             self._tracing = self._tracing or tracing.configure(instance_id=self.id, redactor=self.redactor)
