@@ -6,6 +6,7 @@ Real git over smart HTTP with a token, real OpenCode through a real sidecar. The
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -175,19 +176,29 @@ async def test_a_wrong_token_fails_clearly_and_leaves_nothing(server, agent, set
 # ------------------------------------------------------------------------------ a real sidecar
 
 
-@pytest.fixture(params=["opencode", "opencode-cli", "claudecode"])
-async def agent_stack(request, nats_server, shared_tmp) -> AsyncIterator[tuple[Sidecar, CodingClient]]:
+@contextlib.asynccontextmanager
+async def agent_sidecar(nats_url: str, folder: Path, **overrides) -> AsyncIterator[tuple[Sidecar, CodingClient]]:
+    """A sidecar run in-process with ``agent_user: nobody``, and a client of it."""
     require_tools()
     naming = unique_naming()
+    sidecar = Sidecar(sidecar_config(nats_url, folder, naming, agent_user="nobody", **overrides))
+    await sidecar.start()
+    try:
+        client = await CodingClient.connect(nats_url, naming=naming)
+        try:
+            yield sidecar, client
+        finally:
+            await client.close()
+    finally:
+        await sidecar.stop(grace=5)
+
+
+@pytest.fixture(params=["opencode", "opencode-cli", "claudecode"])
+async def agent_stack(request, nats_server, shared_tmp) -> AsyncIterator[tuple[Sidecar, CodingClient]]:
     # Claude Code asks before Bash unless allowed (acceptEdits covers edits only).
     extra = {"claudecode": {"allowed_tools": ["Bash"]}} if request.param == "claudecode" else {}
-    config = sidecar_config(nats_server.url, shared_tmp, naming, agent_user="nobody", engine=request.param, **extra)
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    client = await CodingClient.connect(nats_server.url, naming=naming)
-    yield sidecar, client
-    await client.close()
-    await sidecar.stop(grace=5)
+    async with agent_sidecar(nats_server.url, shared_tmp, engine=request.param, **extra) as stack:
+        yield stack
 
 
 @pytest.mark.slow
@@ -218,16 +229,9 @@ async def test_the_agent_runs_as_its_user_and_cannot_read_the_sidecars_files(age
 
 @pytest.fixture
 async def agent_git_stack(nats_server, shared_tmp) -> AsyncIterator[tuple[Sidecar, CodingClient]]:
-    require_tools()
-    naming = unique_naming()
     git_settings = {"allow_file_urls": True, "user_name": "Bridge Bot", "user_email": "bot@example.com"}
-    config = sidecar_config(nats_server.url, shared_tmp, naming, agent_user="nobody", git=git_settings)
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    client = await CodingClient.connect(nats_server.url, naming=naming)
-    yield sidecar, client
-    await client.close()
-    await sidecar.stop(grace=5)
+    async with agent_sidecar(nats_server.url, shared_tmp, git=git_settings) as stack:
+        yield stack
 
 
 @pytest.mark.slow
