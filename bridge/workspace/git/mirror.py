@@ -30,6 +30,8 @@ from pathlib import Path
 from ocbridge.bridge.agent_user import AgentUser, copy_agent_file
 from ocbridge.bridge.redact import Redactor
 
+from .errors import GitError
+from .repo import resolve_commit
 from .runner import GitCredentials, GitResult, allowed_protocols, run_git
 from .safety import normalize_url
 from .settings import GitSettings
@@ -145,8 +147,10 @@ class Mirror:
     async def push(self, branch: str, remote: str, *, credentials: GitCredentials) -> GitResult:
         """Push the workspace's ``branch`` to the remote as ``refs/heads/<branch>`` (porcelain output)."""
         await self._ensure()
-        tip = (await run_git(["rev-parse", "--verify", f"refs/heads/{branch}^{{commit}}"], self.workspace,
-                             settings=self.settings, redactor=self.redactor)).stdout.strip()
+        tip = await resolve_commit(self.workspace, f"refs/heads/{branch}", settings=self.settings,
+                                   redactor=self.redactor)
+        if tip is None:
+            raise GitError(f"branch {branch!r} does not exist", redactor=self.redactor)
         if (await self._git(["cat-file", "-e", f"{tip}^{{commit}}"], check=False)).code != 0:
             await self._take_from_workspace(branch, remote)
         result = await self._git(["push", "--porcelain", "--", "origin", f"{tip}:refs/heads/{branch}"],
