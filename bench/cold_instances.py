@@ -8,7 +8,12 @@ prompt's wall time and the CPU the server's process tree spent on it, and the se
 time (the instance warm), whose ratio is printed. ``--warm`` first reads the directory's
 ``/config``, ``/provider`` and ``/agent`` (no model call) and prints what that took.
 
-Run: .venv/bin/python bench/cold_instances.py [--directories 4] [--warm]
+It does this once per ``--catalog`` (default: ``bundled``, OpenCode's own models.dev catalog, as
+the baseline, then ``auto``, the empty catalog the sidecar gives a config that defines its providers
+itself; see ``bridge/engines/opencode/catalog.py``) and prints the CPU of a cold directory against
+the first catalog's.
+
+Run: .venv/bin/python bench/cold_instances.py [--directories 4] [--warm] [--catalog bundled --catalog auto]
 """
 
 from __future__ import annotations
@@ -50,18 +55,31 @@ def tree_cpu_seconds(pid: int | None) -> float:
 WARMING_PATHS = ("/config", "/provider", "/agent")
 
 
-async def main(directories: int, warm: bool) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="cold-instances-"))
+async def main(directories: int, warm: bool, catalogs: list[str]) -> None:
     model = OfflineModelServer()
     model_url = await model.start()
+    try:
+        cpu_by_catalog = {catalog: await measure(model_url, directories, warm, catalog) for catalog in catalogs}
+    finally:
+        await model.stop()
+    baseline = catalogs[0]
+    for catalog, cpu in cpu_by_catalog.items():
+        print(f"catalog {catalog!r}: CPU of a cold directory {cpu * 1000:.0f} ms on average, "
+              f"{cpu / cpu_by_catalog[baseline]:.2f}x of {baseline!r}")
+
+
+async def measure(model_url: str, directories: int, warm: bool, catalog: str) -> float:
+    """Print one fresh server's figures; return the mean CPU of a cold directory (seconds)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cold-instances-"))
     server = OpenCodeProcess(OpenCodeSettings(
         binary=find_binary("opencode"), state_dir=tmp / "opencode", config=opencode_provider_config(model_url),
-        extra_path=[str(Path(sys.executable).parent)],
+        extra_path=[str(Path(sys.executable).parent)], models_catalog=catalog,
     ))
+    cpus: list[float] = []
     try:
         started = time.perf_counter()
         base = await server.start()
-        print(f"OpenCode {server.version}: server up after {time.perf_counter() - started:.2f}s")
+        print(f"OpenCode {server.version}, catalog {catalog!r}: server up after {time.perf_counter() - started:.2f}s")
         auth = {"Authorization": aiohttp.encode_basic_auth("opencode", server.password)}
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(headers=auth, timeout=timeout) as http:
@@ -91,18 +109,21 @@ async def main(directories: int, warm: bool) -> None:
                 warming = time.perf_counter() - begun
                 first = await prompt(directory, "create a.txt with content 1")
                 cpu = tree_cpu_seconds(server.pid) - cpu_before
+                cpus.append(cpu)
                 second = await prompt(directory, "create b.txt with content 2")
                 print(f"{directory.name:12} {warming * 1000:7.0f}ms {first * 1000:9.0f}ms {cpu * 1000:7.0f}ms "
                       f"{second * 1000:9.0f}ms {first / second:6.1f}")
     finally:
         await server.stop()
-        await model.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    return sum(cpus) / len(cpus)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--directories", type=int, default=4)
     parser.add_argument("--warm", action="store_true", help="read /config, /provider and /agent before the 1st prompt")
+    parser.add_argument("--catalog", action="append", dest="catalogs", metavar="CHOICE",
+                        help="models_catalog to measure (repeatable; the first is the baseline)")
     args = parser.parse_args()
-    asyncio.run(main(args.directories, args.warm))
+    asyncio.run(main(args.directories, args.warm, args.catalogs or ["bundled", "auto"]))

@@ -25,9 +25,10 @@ tasks (the ones over 10 s are explained in the details, with their sidecar log l
 Duplicated counts a task when any of these holds:
   * more than one result message on its result subject (a subscription of the harness on
     ``<result prefix>.>``, counted until ``--settle`` seconds after the last task ended);
-  * its file was written more than once: the model saw the write tool's result come back twice
-    (the model server counts, per task, the requests that start its prompt and the requests that
-    carry the write's result, so the count survives OpenCode and sidecar deaths). Split into
+  * its file was written more than once: the model saw the results of two different write calls
+    (the model server counts, per task, the requests that start its prompt and the distinct tool
+    call ids whose results come back, so the count survives OpenCode and sidecar deaths; a run
+    OpenCode resumes after a restart sends the same call's result again, which is one write). Split into
     re-runs after a run that died or was given back (record ``attempt`` > 1: the write of the
     first run was done, its result was not) and writes repeated within one attempt;
   * its file changed after its first result arrived (mtime), or has the wrong content.
@@ -96,13 +97,13 @@ def pct(values: list[float], q: float) -> float:
 
 class CountingModel(OfflineModelServer):
     """The offline model, counting per task (the ``<i>`` of ``f<i>.txt``) the requests that start
-    its prompt (``starts``) and those carrying the write tool's result back (``writes``). Request
-    bodies are not kept (the base class keeps them all)."""
+    its prompt (``starts``) and the tool calls whose results come back (``writes``: their ids,
+    random per answer). Request bodies are not kept (the base class keeps them all)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.starts: Counter[int] = Counter()
-        self.writes: Counter[int] = Counter()
+        self.writes: dict[int, set[str]] = {}
 
     @web.middleware
     async def _record(self, request: web.Request, handler):
@@ -118,7 +119,12 @@ class CountingModel(OfflineModelServer):
         match = _TASK_PROMPT.search(conv.prompt())
         if match is None:
             return
-        (self.writes if conv.results_since_prompt() else self.starts)[int(match.group(1))] += 1
+        task = int(match.group(1))
+        if not conv.results_since_prompt():
+            self.starts[task] += 1
+            return
+        calls = {m.get("tool_call_id") for m in body.get("messages") or [] if m.get("role") == "tool"}
+        self.writes.setdefault(task, set()).update(str(call) for call in calls)
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -578,7 +584,8 @@ async def run_once(label: str, base: Path, args: argparse.Namespace, faults: boo
                                                      "after its result arrived")
             elif o.status == "completed":
                 report.file_problems[o.index] = "missing although completed"
-        report.starts, report.writes = Counter(stack.model.starts), Counter(stack.model.writes)
+        report.starts, report.writes = Counter(stack.model.starts), Counter(
+            {task: len(calls) for task, calls in stack.model.writes.items()})
         report.details += explain(report, stack)
         (stack.tmp / "outcomes.json").write_text(json.dumps([per_task(report, stack, o) for o in outcomes], indent=1))
         return report

@@ -120,6 +120,9 @@ class OpenCodeConfig(Section):
     model: str | None = None
     #: Extra OpenCode config merged into the generated one (providers, agents...).
     config: dict[str, Any] = Field(default_factory=dict)
+    #: The models.dev catalog OpenCode reads: ``auto`` (empty when ``config`` defines every
+    #: ``enabled_providers`` entry itself), ``bundled``, ``none`` or a file path.
+    models_catalog: str = Field(default="auto", min_length=1)
     idle_dispose_seconds: float = Field(default=300.0, ge=0)
     startup_timeout: float = Field(default=30.0, gt=0)
     request_timeout: float = Field(default=30.0, gt=0)
@@ -133,6 +136,8 @@ class OpenCodeCLIConfig(Section):
     binary: str | None = None
     model: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    #: As ``opencode.models_catalog``; every run reads it, so an empty one saves ~1 s of CPU per run.
+    models_catalog: str = Field(default="auto", min_length=1)
 
 
 class ClaudeCodeConfig(Section):

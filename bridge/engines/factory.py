@@ -34,7 +34,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         return OpenCodeCLIEngine(OpenCodeCLISettings(
             binary=_tool("opencode", cli.binary), state_dir=data_dir / "opencode-cli",
             config=deep_merge(extra, cli.config), model=cli.model or config.opencode.model, extra_path=scripts,
-            run_as=config.git.agent,
+            models_catalog=cli.models_catalog, run_as=config.git.agent,
         ))
 
     from .opencode.engine import OpenCodeEngine
@@ -50,6 +50,7 @@ def build_engine(config: BridgeConfig, *, data_dir: Path, offline_model_url: str
         password=oc.password.get_secret_value() if oc.password else None,
         state_dir=data_dir / "opencode",
         config=deep_merge(extra, oc.config),
+        models_catalog=oc.models_catalog,
         permission_policy=oc.permission_policy,
         startup_timeout=oc.startup_timeout,
         request_timeout=oc.request_timeout,

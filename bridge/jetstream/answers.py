@@ -9,7 +9,9 @@ stored result and publishes it again instead of running the agent a second time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -41,6 +43,12 @@ def error_result(task_id: str, error: str, error_type: ErrorType) -> TaskResult:
 #: ``jetstream.retry_delay``. A NATS restart or an OpenCode restart is over in a second or two,
 #: so most give-backs should be retried soon; a store that stays broken is not hammered.
 FIRST_RETRY_DELAY = 0.5
+
+
+#: How long recording a published result ``done`` is tried (first retry after the delay, doubling):
+#: long enough for a NATS restart, short against ``ack_wait``.
+DONE_RETRY_SECONDS = 4.0
+DONE_RETRY_FIRST_DELAY = 0.25
 
 
 def backoff(num_delivered: int, cap: float) -> float:
@@ -115,9 +123,7 @@ class Answers:
         if not await self._publish(task, message):
             await self._retry_later(msg)  # re-published on redelivery
             return
-        record.state = "done"
-        with logged_suppress(f"task {task_id}: recording it done", log):
-            await self._records.put(record)
+        await self._record_done(record)
         with logged_suppress(f"task {task_id}: ack", log):
             await (msg.term() if term else msg.ack())
         log.info(
@@ -135,11 +141,28 @@ class Answers:
             await self._retry_later(msg)
             return
         if record.state != "done":
-            record.state = "done"
-            with logged_suppress(f"task {task.task_id}: recording it done", log):
-                await self._records.put(record)
+            await self._record_done(record)
         with logged_suppress(f"task {task.task_id}: ack", log):
             await msg.ack()
+
+    async def _record_done(self, record: TaskRecord) -> None:
+        """Mark the published result ``done``, trying again through a short NATS outage: a
+        redelivery of a message recorded done is only acked, one still ``publishing`` has its
+        result published again (a second result message, which clients drop, but avoidable)."""
+        record.state = "done"
+        delay, deadline = DONE_RETRY_FIRST_DELAY, time.monotonic() + DONE_RETRY_SECONDS
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await self._records.put(record)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay >= deadline:
+                    log.warning("task %s: recording it done failed (%s: %s); a redelivery publishes its "
+                                "result again", record.task_id, type(exc).__name__, exc)
+                    return
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def reject(self, msg: Msg, rejection: Rejection) -> None:
         """A task that will not run: an error result where the task may be answered, else a dead letter."""

@@ -36,6 +36,7 @@ from ocbridge.bridge.processes import (
 )
 
 from .api import OpenCodeAPI
+from .catalog import catalog_environment
 from .settings import OFFLINE_SWITCHES, OpenCodeSettings, opencode_home_env, prepare_opencode_home
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class OpenCodeProcess:
         self.state_dir: Path | None = None
         self.log_path: Path | None = None
         self._log: IO[str] | None = None
+        self._catalog_env: dict[str, str] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=8)  # for error messages
         self._api: OpenCodeAPI | None = None
 
@@ -118,9 +120,9 @@ class OpenCodeProcess:
             self.state_dir = Path(self._tmp.name)
         else:
             self.state_dir = Path(s.state_dir)
-        self._prepare_state_dir(self.state_dir)
         self._api = OpenCodeAPI("http://127.0.0.1", username=s.username, password=self.password)
         try:
+            self._prepare_state_dir(self.state_dir)
             await self._launch()
         except BaseException:
             await self.stop()
@@ -157,6 +159,7 @@ class OpenCodeProcess:
             # Out of the agent's folder: it could put a link there for the sidecar to write through.
             self.log_path = root.with_name(f"{root.name}-server.log")
         self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived
+        self._catalog_env = catalog_environment(self.settings.models_catalog, self.settings.opencode_config(), root)
 
     def _environment(self) -> dict[str, str]:
         s, root = self.settings, self.state_dir
@@ -176,6 +179,7 @@ class OpenCodeProcess:
         # tool's commands): how _terminate finds them.
         env[MARKER_VAR] = self._marker.value
         env.update(OFFLINE_SWITCHES)
+        env.update(self._catalog_env)
         env.update(s.extra_env)
         return env
 

@@ -93,6 +93,8 @@ class OpenCodeSettings:
     password: str | None = None
     state_dir: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: Which models.dev catalog OpenCode reads: "auto", "bundled", "none" or a path (see ``catalog``).
+    models_catalog: str = "auto"
     # How to answer ``permission.asked``: "allow" replies "once" (but always rejects
     # external_directory and question), "deny" rejects everything.
     permission_policy: PermissionPolicy = "allow"
