@@ -330,7 +330,7 @@ async def test_slow_stream_can_be_abandoned(model: OfflineModelServer, http: aio
         assert resp.status == 200
 
 
-async def run_proc(*argv: str, cwd: Path, env: dict[str, str], timeout: float = 20) -> tuple[int, str, str]:
+async def run_proc(*argv: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
     """Run a process in its own process group; kill the group on timeout and always reap it."""
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -8,8 +8,9 @@ message); :mod:`.follow` relays its events until it is over and builds its outco
 
 Failures that are not the task's fault raise :class:`EngineUnavailable` (the task is given back and
 tried again later): the server down or being restarted, the event stream not connected, the
-server lost during the run, OpenCode's own database locked. The supervised server restarts itself
-meanwhile, and :meth:`OpenCodeEngine.healthy` says when it serves again.
+server lost during the run and not back in time, OpenCode's own database locked. The supervised
+server restarts itself meanwhile, and :meth:`OpenCodeEngine.healthy` says when it serves again; a
+run whose managed server died and came back carries on there (the same user message sent again).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ocbridge.bridge.engines.names import check_opencode_session
 from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, new_message_id
 from .directories import DirectoryTracker, dir_key
 from .events import SERVER_LOST, Event, EventHub, Subscription
-from .follow import RunFollower
+from .follow import RunFollower, ServerLost
 from .server import OpenCodeProcess, check_version
 from .settings import OpenCodeSettings, mcp_remote_config
 from .translate import RunTranslator
@@ -46,6 +47,9 @@ __all__ = ["OpenCodeEngine"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: How often one run carries on after its server was restarted before it is given back.
+MAX_RESUMES = 2
 
 
 class OpenCodeEngine(Engine):
@@ -66,6 +70,7 @@ class OpenCodeEngine(Engine):
         self.events: EventHub | None = None
         self.directories = DirectoryTracker(self.settings.idle_dispose_seconds)
         self._reaper: asyncio.Task[None] | None = None
+        self._closing = False  # aclose() began: a lost server is not waited for
         self._background: set[asyncio.Task[Any]] = set()
         # Session id -> exchanges (user messages) so far, to report message_count without reading
         # the whole history after every run. Forgotten when its directory is no longer in use (the
@@ -88,6 +93,7 @@ class OpenCodeEngine(Engine):
     async def start(self) -> None:
         """Launch (or connect to) the server and open the event stream."""
         s = self.settings
+        self._closing = False
         try:
             if s.managed:
                 self.process = OpenCodeProcess(s)
@@ -113,6 +119,7 @@ class OpenCodeEngine(Engine):
 
     async def aclose(self) -> None:
         """Stop the reaper, the event stream and the managed server."""
+        self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,8 +173,7 @@ class OpenCodeEngine(Engine):
     async def _retrying(self, call: Callable[[OpenCodeAPI], Awaitable[T]]) -> T:
         """``call(api)``; when the managed server turns out to be dead (connection refused or
         reset), wait for the supervisor's replacement and call once more."""
-        generation = self.process.generation if self.process is not None else 0
-        pid = self.process.pid if self.process is not None else None
+        generation, pid = self._server_identity()
         try:
             return await call(await self._ready())
         except ServerUnreachable:
@@ -175,6 +181,10 @@ class OpenCodeEngine(Engine):
                 raise
             log.info("OpenCode was restarted; sending the request again")
             return await call(await self._ready())
+
+    def _server_identity(self) -> tuple[int, int | None]:
+        """The managed server's generation and pid (what :meth:`_wait_new_server` compares)."""
+        return (self.process.generation, self.process.pid) if self.process is not None else (0, None)
 
     async def _wait_new_server(self, generation: int, pid: int | None) -> bool:
         """Whether the managed server died and a newer one (with its event stream) came up."""
@@ -184,7 +194,7 @@ class OpenCodeEngine(Engine):
         # A reset connection to a live server is not ours to fix: give the supervisor 1 s to notice.
         noticed = time.monotonic() + 1.0
         limit = time.monotonic() + s.startup_timeout + 2 * s.restart_backoff
-        while time.monotonic() < limit:
+        while time.monotonic() < limit and not self._closing:
             if process.generation > generation and self.events is not None and self.events.connected.is_set():
                 return True
             if process.alive and process.pid == pid and time.monotonic() > noticed:
@@ -277,7 +287,22 @@ class OpenCodeEngine(Engine):
         try:
             await self._retrying(send)
             sent = True
-            await self._follower.follow(key, subs[0], translator, on_event)
+            for resumes in range(MAX_RESUMES + 1):
+                server = self._server_identity()
+                try:
+                    await self._follower.follow(key, subs[0], translator, on_event)
+                    break
+                except ServerLost:
+                    if resumes == MAX_RESUMES or not await self._wait_new_server(*server):
+                        raise
+                # OpenCode keeps the session's history in its store: the same user message sent
+                # again makes the new server carry on from there (a tool that finished is not run
+                # again; a finished exchange is not answered twice) instead of the task running
+                # again from the start after a give-back. The stream missed the end of the old
+                # server's events: the outcome comes from the history.
+                log.info("OpenCode was restarted during the run; resuming session %s from its history", sid)
+                translator.lossy = True
+                await self._retrying(send)
             return await self._follower.outcome(key, sid, message_id, translator)
         except BaseException:
             # Cancelled (the pipeline gave up), the sink failed, the stream failed...: do not

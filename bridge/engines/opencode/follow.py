@@ -22,9 +22,13 @@ from .events import GAP, SERVER_LOST, Event, Subscription
 from .settings import OpenCodeSettings
 from .translate import RunTranslator, describe_error, outcome_from_messages, run_finished
 
-__all__ = ["STREAM_GRACE", "RunFollower"]
+__all__ = ["STREAM_GRACE", "RunFollower", "ServerLost"]
 
 log = logging.getLogger(__name__)
+
+class ServerLost(EngineUnavailable):
+    """The server died while the run was being followed (its supervisor restarts it)."""
+
 
 # How long the event stream may lag behind the HTTP state once a poll says the run is over.
 STREAM_GRACE = 5.0
@@ -65,7 +69,7 @@ class RunFollower:
             wake = min(next_poll, deadline, poll.finish_by or deadline)
             item = await sub.get(timeout=max(0.05, wake - now))
             if item == SERVER_LOST:
-                raise EngineUnavailable(
+                raise ServerLost(
                     "OpenCode server was lost during the run (it is being restarted)", retry_after=RETRY_SERVER
                 )
             if item == GAP:
