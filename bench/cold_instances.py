@@ -11,16 +11,20 @@ time (the instance warm), whose ratio is printed. ``--warm`` first reads the dir
 It does this once per ``--catalog`` (default: ``bundled``, OpenCode's own models.dev catalog, as
 the baseline, then ``auto``, the empty catalog the sidecar gives a config that defines its providers
 itself; see ``bridge/engines/opencode/catalog.py``) and prints the CPU of a cold directory against
-the first catalog's.
+the first catalog's. ``--cli N`` adds ``opencode run`` (the ``opencode-cli`` engine), which loads
+a cold instance on every run: N runs per catalog, their median wall time and mean CPU.
 
 Run: .venv/bin/python bench/cold_instances.py [--directories 4] [--warm] [--catalog bundled --catalog auto]
+     [--cli 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +33,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from ocbridge.bridge.engines.base import PromptRequest
+from ocbridge.bridge.engines.cli.opencode_cli import OpenCodeCLIEngine, OpenCodeCLISettings
 from ocbridge.bridge.engines.opencode.server import OpenCodeProcess
 from ocbridge.bridge.engines.opencode.settings import OpenCodeSettings
 from ocbridge.bridge.offline_model.configs import opencode_provider_config
@@ -55,17 +61,62 @@ def tree_cpu_seconds(pid: int | None) -> float:
 WARMING_PATHS = ("/config", "/provider", "/agent")
 
 
-async def main(directories: int, warm: bool, catalogs: list[str]) -> None:
+async def main(directories: int, warm: bool, catalogs: list[str], cli_runs: int) -> None:
     model = OfflineModelServer()
     model_url = await model.start()
     try:
         cpu_by_catalog = {catalog: await measure(model_url, directories, warm, catalog) for catalog in catalogs}
+        cli = {catalog: await measure_cli(model_url, cli_runs, catalog) for catalog in catalogs} if cli_runs else {}
     finally:
         await model.stop()
     baseline = catalogs[0]
     for catalog, cpu in cpu_by_catalog.items():
         print(f"catalog {catalog!r}: CPU of a cold directory {cpu * 1000:.0f} ms on average, "
               f"{cpu / cpu_by_catalog[baseline]:.2f}x of {baseline!r}")
+    for catalog, (wall, cpu) in cli.items():
+        base_wall, base_cpu = cli[baseline]
+        print(f"catalog {catalog!r}: opencode run median {wall * 1000:.0f} ms ({wall / base_wall:.2f}x), "
+              f"CPU {cpu * 1000:.0f} ms per run ({cpu / base_cpu:.2f}x)")
+
+
+def children_cpu() -> float:
+    """User + system CPU of this process's reaped children (the ``opencode run`` processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure_cli(model_url: str, runs: int, catalog: str) -> tuple[float, float]:
+    """``runs`` one-tool prompts through the ``opencode-cli`` engine, one new session each: the
+    median wall time and the mean CPU of a run (seconds)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cold-instances-cli-"))
+    workspace = tmp / "ws"
+    workspace.mkdir()
+    engine = OpenCodeCLIEngine(OpenCodeCLISettings(
+        binary=find_binary("opencode"), state_dir=tmp / "state", config=opencode_provider_config(model_url),
+        extra_path=[str(Path(sys.executable).parent)], models_catalog=catalog,
+    ))
+    walls: list[float] = []
+
+    async def ignore(_event: object) -> None:
+        pass
+
+    try:
+        await engine.start()
+        cpu_before = children_cpu()
+        for index in range(runs):
+            handle = await engine.open_session(workspace, f"cli {index}", None)
+            begun = time.perf_counter()
+            outcome = await engine.run(PromptRequest(workspace, handle.id, f"create c{index}.txt with content {index}"),
+                                       ignore)
+            walls.append(time.perf_counter() - begun)
+            if outcome.error:
+                raise RuntimeError(f"opencode run failed: {outcome.error}")
+        cpu = (children_cpu() - cpu_before) / runs
+    finally:
+        await engine.aclose()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"opencode run, catalog {catalog!r}: " + " ".join(f"{w * 1000:.0f}ms" for w in walls))
+    return statistics.median(walls), cpu
 
 
 async def measure(model_url: str, directories: int, warm: bool, catalog: str) -> float:
@@ -125,5 +176,6 @@ if __name__ == "__main__":
     parser.add_argument("--warm", action="store_true", help="read /config, /provider and /agent before the 1st prompt")
     parser.add_argument("--catalog", action="append", dest="catalogs", metavar="CHOICE",
                         help="models_catalog to measure (repeatable; the first is the baseline)")
+    parser.add_argument("--cli", type=int, default=0, metavar="N", help="also N opencode run tasks per catalog")
     args = parser.parse_args()
-    asyncio.run(main(args.directories, args.warm, args.catalogs or ["bundled", "auto"]))
+    asyncio.run(main(args.directories, args.warm, args.catalogs or ["bundled", "auto"], args.cli))

@@ -30,7 +30,9 @@ Duplicated counts a task when any of these holds:
     call ids whose results come back, so the count survives OpenCode and sidecar deaths; a run
     OpenCode resumes after a restart sends the same call's result again, which is one write). Split into
     re-runs after a run that died or was given back (record ``attempt`` > 1: the write of the
-    first run was done, its result was not) and writes repeated within one attempt;
+    first run was done, its result was not) and writes repeated within one attempt (mostly a run
+    carried on after the OpenCode kill whose write was cut off: the model saw "[Tool execution was
+    interrupted]" and wrote again);
   * its file changed after its first result arrived (mtime), or has the wrong content.
 Retried comes from the task records (tasks bucket): ``attempt`` > 1 (ran more than once),
 ``retries`` (give-backs that were not the task's fault), died runs = attempt - 1 - retries.
@@ -95,6 +97,10 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------ the model
 
 
+#: What OpenCode puts in the history for a tool call its server died in.
+INTERRUPTED = "Tool execution was interrupted"
+
+
 class CountingModel(OfflineModelServer):
     """The offline model, counting per task (the ``<i>`` of ``f<i>.txt``) the requests that start
     its prompt (``starts``) and the tool calls whose results come back (``writes``: their ids,
@@ -104,6 +110,7 @@ class CountingModel(OfflineModelServer):
         super().__init__()
         self.starts: Counter[int] = Counter()
         self.writes: dict[int, set[str]] = {}
+        self.interrupted: set[int] = set()  # tasks whose conversation carries a cut-off tool call
 
     @web.middleware
     async def _record(self, request: web.Request, handler):
@@ -123,8 +130,10 @@ class CountingModel(OfflineModelServer):
         if not conv.results_since_prompt():
             self.starts[task] += 1
             return
-        calls = {m.get("tool_call_id") for m in body.get("messages") or [] if m.get("role") == "tool"}
-        self.writes.setdefault(task, set()).update(str(call) for call in calls)
+        results = [m for m in body.get("messages") or [] if m.get("role") == "tool"]
+        self.writes.setdefault(task, set()).update(str(m.get("tool_call_id")) for m in results)
+        if any(INTERRUPTED in str(m.get("content")) for m in results):
+            self.interrupted.add(task)
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -315,6 +324,7 @@ class RunReport:
     records: dict[str, TaskRecord | None] = field(default_factory=dict)
     starts: Counter[int] = field(default_factory=Counter)
     writes: Counter[int] = field(default_factory=Counter)
+    interrupted: set[int] = field(default_factory=set)
     file_problems: dict[int, str] = field(default_factory=dict)
     by_sidecar: Counter[str] = field(default_factory=Counter)
     logged_give_backs: int = 0
@@ -341,6 +351,12 @@ class RunReport:
     def written_twice_rerun(self) -> list[Outcome]:
         """Written twice, and the task ran twice: its first run died with its sidecar or was given back."""
         return [o for o in self.written_twice() if (getattr(self.records.get(o.task_id), "attempt", 1) or 1) > 1]
+
+    def written_twice_cut_off(self) -> list[Outcome]:
+        """Written twice within one attempt, and the model saw a tool call cut off: a run carried
+        on after its OpenCode was killed, whose write the model made again."""
+        reruns = {o.task_id for o in self.written_twice_rerun()}
+        return [o for o in self.written_twice() if o.index in self.interrupted and o.task_id not in reruns]
 
     def file_changed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.index in self.file_problems]
@@ -586,6 +602,7 @@ async def run_once(label: str, base: Path, args: argparse.Namespace, faults: boo
                 report.file_problems[o.index] = "missing although completed"
         report.starts, report.writes = Counter(stack.model.starts), Counter(
             {task: len(calls) for task, calls in stack.model.writes.items()})
+        report.interrupted = set(stack.model.interrupted)
         report.details += explain(report, stack)
         (stack.tmp / "outcomes.json").write_text(json.dumps([per_task(report, stack, o) for o in outcomes], indent=1))
         return report
@@ -657,6 +674,7 @@ def print_reports(clean: RunReport, faulted: RunReport, args: argparse.Namespace
     row("    re-run after a died run", [str(len(r.written_twice_rerun())) for r in runs])
     row("    written twice in one attempt",
         [str(len(r.written_twice()) - len(r.written_twice_rerun())) for r in runs])
+    row("      a cut-off write made again", [str(len(r.written_twice_cut_off())) for r in runs])
     row("  file changed after its result", [str(len(r.file_changed())) for r in runs])
     row("retried (attempt > 1)", [str(len(r.retried())) for r in runs])
     row("  give-backs (retries)", [str(r.give_backs()) for r in runs])
