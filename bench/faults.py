@@ -30,9 +30,9 @@ Duplicated counts a task when any of these holds:
     call ids whose results come back, so the count survives OpenCode and sidecar deaths; a run
     OpenCode resumes after a restart sends the same call's result again, which is one write). Split into
     re-runs after a run that died or was given back (record ``attempt`` > 1: the write of the
-    first run was done, its result was not) and writes repeated within one attempt (mostly a run
-    carried on after the OpenCode kill whose write was cut off: the model saw "[Tool execution was
-    interrupted]" and wrote again);
+    first run was done, its result was not) and writes repeated within one attempt (of which:
+    runs carried on after the OpenCode kill, per the sidecar's log, whose first write call the kill
+    cut off, so the model made it again);
   * its file changed after its first result arrived (mtime), or has the wrong content.
 Retried comes from the task records (tasks bucket): ``attempt`` > 1 (ran more than once),
 ``retries`` (give-backs that were not the task's fault), died runs = attempt - 1 - retries.
@@ -97,10 +97,6 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------ the model
 
 
-#: What OpenCode puts in the history for a tool call its server died in.
-INTERRUPTED = "Tool execution was interrupted"
-
-
 class CountingModel(OfflineModelServer):
     """The offline model, counting per task (the ``<i>`` of ``f<i>.txt``) the requests that start
     its prompt (``starts``) and the tool calls whose results come back (``writes``: their ids,
@@ -110,7 +106,6 @@ class CountingModel(OfflineModelServer):
         super().__init__()
         self.starts: Counter[int] = Counter()
         self.writes: dict[int, set[str]] = {}
-        self.interrupted: set[int] = set()  # tasks whose conversation carries a cut-off tool call
 
     @web.middleware
     async def _record(self, request: web.Request, handler):
@@ -130,10 +125,8 @@ class CountingModel(OfflineModelServer):
         if not conv.results_since_prompt():
             self.starts[task] += 1
             return
-        results = [m for m in body.get("messages") or [] if m.get("role") == "tool"]
-        self.writes.setdefault(task, set()).update(str(m.get("tool_call_id")) for m in results)
-        if any(INTERRUPTED in str(m.get("content")) for m in results):
-            self.interrupted.add(task)
+        calls = {m.get("tool_call_id") for m in body.get("messages") or [] if m.get("role") == "tool"}
+        self.writes.setdefault(task, set()).update(str(call) for call in calls)
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -324,7 +317,7 @@ class RunReport:
     records: dict[str, TaskRecord | None] = field(default_factory=dict)
     starts: Counter[int] = field(default_factory=Counter)
     writes: Counter[int] = field(default_factory=Counter)
-    interrupted: set[int] = field(default_factory=set)
+    carried_on: set[str] = field(default_factory=set)  # task ids whose run outlived its OpenCode
     file_problems: dict[int, str] = field(default_factory=dict)
     by_sidecar: Counter[str] = field(default_factory=Counter)
     logged_give_backs: int = 0
@@ -353,10 +346,10 @@ class RunReport:
         return [o for o in self.written_twice() if (getattr(self.records.get(o.task_id), "attempt", 1) or 1) > 1]
 
     def written_twice_cut_off(self) -> list[Outcome]:
-        """Written twice within one attempt, and the model saw a tool call cut off: a run carried
-        on after its OpenCode was killed, whose write the model made again."""
+        """Written twice within one attempt whose run carried on after its OpenCode was killed: the
+        kill cut the first write call off, and the model made it again."""
         reruns = {o.task_id for o in self.written_twice_rerun()}
-        return [o for o in self.written_twice() if o.index in self.interrupted and o.task_id not in reruns]
+        return [o for o in self.written_twice() if o.task_id in self.carried_on and o.task_id not in reruns]
 
     def file_changed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.index in self.file_problems]
@@ -602,7 +595,6 @@ async def run_once(label: str, base: Path, args: argparse.Namespace, faults: boo
                 report.file_problems[o.index] = "missing although completed"
         report.starts, report.writes = Counter(stack.model.starts), Counter(
             {task: len(calls) for task, calls in stack.model.writes.items()})
-        report.interrupted = set(stack.model.interrupted)
         report.details += explain(report, stack)
         (stack.tmp / "outcomes.json").write_text(json.dumps([per_task(report, stack, o) for o in outcomes], indent=1))
         return report
@@ -629,6 +621,9 @@ def explain(report: RunReport, stack: Stack) -> list[str]:
     logs = {s.name: s.log_text().splitlines() for s in stack.sidecars}
     report.logged_give_backs = sum(1 for text in logs.values() for line in text
                                    if f"task {report.label}-" in line and " given back " in line)
+    for line in (line for text in logs.values() for line in text if "resuming session" in line):
+        with contextlib.suppress(ValueError, AttributeError, KeyError):
+            report.carried_on.add(json.loads(line)["task_id"])
     for task_id, o in suspects.items():
         record = report.records.get(task_id)
         lines.append(
