@@ -3,11 +3,11 @@
 OpenCode builds its provider list from a catalog of every provider models.dev knows (a snapshot
 built into the binary when fetching is off) and converts all of it again for each directory
 instance it loads, whatever ``enabled_providers`` says: measured with 1.18.33 on 2 cores
-(``bench/cold_instances.py``), two thirds of the CPU a new directory costs (2.6 s on average with
-OpenCode's catalog, 0.84 s with an empty one). A deployment whose
-enabled providers are all defined in its own config (a self-hosted or proxy endpoint, the offline
-model) needs none of it, and a sidecar pays that cost for every workspace after each OpenCode
-start (``opencode run`` pays it on every run).
+(``bench/cold_instances.py``), half to two thirds of the CPU a new directory costs (2.2-2.6 s on
+average with OpenCode's catalog, 0.84-0.96 s with an empty one). A deployment whose enabled
+providers are all defined in its own config (a self-hosted or proxy endpoint, the offline model)
+needs none of it, and a sidecar pays that cost for every workspace after each OpenCode start
+(``opencode run`` pays it on every run).
 
 Choices (``models_catalog`` of the ``opencode`` and ``opencode-cli`` sections):
 

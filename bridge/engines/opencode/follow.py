@@ -26,6 +26,7 @@ __all__ = ["STREAM_GRACE", "RunFollower", "ServerLost"]
 
 log = logging.getLogger(__name__)
 
+
 class ServerLost(EngineUnavailable):
     """The server died while the run was being followed (its supervisor restarts it)."""
 
