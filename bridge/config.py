@@ -136,7 +136,7 @@ class OpenCodeCLIConfig(Section):
     binary: str | None = None
     model: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
-    #: As ``opencode.models_catalog``; every run reads it, so an empty one saves ~1 s of CPU per run.
+    #: As ``opencode.models_catalog``; every run reads it, so an empty one saves ~2 s of CPU per run.
     models_catalog: str = Field(default="auto", min_length=1)
 
 

@@ -97,7 +97,7 @@ class OpenCodeCLISettings(CLISettings):
     binary: str = "opencode"
     config: dict[str, Any] = field(default_factory=dict)
     #: Which models.dev catalog OpenCode reads: "auto", "bundled", "none" or a path (see
-    #: ``opencode.catalog``); each run loads it again, so an empty one saves ~1 s of CPU per run.
+    #: ``opencode.catalog``); each run loads it again, so an empty one saves ~2 s of CPU per run.
     models_catalog: str = "auto"
     model: str | None = None
     agent: str | None = None
