@@ -666,8 +666,12 @@ async def test_hung_server_is_replaced(model: str, tmp_path: Path) -> None:
         assert process is not None and process.pid is not None and events is not None
         hung = process.pid
         os.kill(hung, signal.SIGSTOP)  # alive but silent: only the health checks can tell
-        assert await wait_until(lambda: process.restarts == 1 and events.connected.is_set(), 20)
-        assert process.pid != hung
+        # ">= 1": on a loaded machine the replacement may itself miss two 1 s health checks while
+        # it loads, and be replaced in turn; what matters is that a live server answers again.
+        assert await wait_until(
+            lambda: process.restarts >= 1 and process.pid != hung and process.answering and events.connected.is_set(),
+            60,
+        )
         with pytest.raises(ProcessLookupError):
             os.kill(hung, 0)  # killed and reaped
         settings.health_interval = 30.0  # no false alarms on a loaded machine from here on

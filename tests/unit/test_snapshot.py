@@ -75,3 +75,55 @@ def test_the_cache_keeps_at_most_its_byte_budget(tmp_path):
         roots.append(root)
     assert cache.get(roots[0]) is None and cache.get(roots[1]) is None  # least recently used went first
     assert cache.get(roots[2]) is not None
+
+
+def test_a_small_tree_is_walked_inline_and_a_big_or_unknown_one_is_left_to_a_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "INLINE_ENTRIES", 4)
+    for number in range(3):
+        (tmp_path / f"f{number}.txt").write_text(f"{number}\n")
+    assert snapshot.walk_if_small(tmp_path, None) is None  # never seen: its size is unknown
+    cache = snapshot.SnapshotCache()
+    first = snapshot.take(tmp_path, cache=cache, **LIMITS)
+    walked = snapshot.walk_if_small(tmp_path, first)
+    assert walked is not None and sorted(rel for rel, _, _ in walked) == ["f0.txt", "f1.txt", "f2.txt"]
+    for number in range(3, 12):  # grew past twice the limit since: walked, but handed on
+        (tmp_path / f"f{number}.txt").write_text(f"{number}\n")
+    assert snapshot.walk_if_small(tmp_path, first) is None
+    bigger = snapshot.take(tmp_path, cache=cache, **LIMITS)
+    assert snapshot.walk_if_small(tmp_path, bigger) is None  # its last snapshot is too big
+
+
+def test_reads_needed_counts_what_is_new_changed_or_too_recent(tmp_path, monkeypatch):
+    old, fresh = tmp_path / "old.txt", tmp_path / "fresh.txt"
+    old.write_text("old\n")
+    fresh.write_text("fresh\n")
+    _age(old)
+    (tmp_path / "huge.bin").write_bytes(b"x" * 4096)  # over file_limit: never read
+    cache = snapshot.SnapshotCache()
+    previous = snapshot.take(tmp_path, cache=cache, file_limit=1024, budget=1 << 20)
+    monkeypatch.setattr(snapshot, "_RACY_NS", 0)
+    walked = snapshot.walk_if_small(tmp_path, previous)
+    assert walked is not None
+    assert snapshot.reads_needed(walked, previous, 1024) == 0  # all known and trusted now
+    (tmp_path / "new.txt").write_text("a new file\n")
+    walked = snapshot.walk_if_small(tmp_path, previous)
+    assert walked is not None and snapshot.reads_needed(walked, previous, 1024) == len("a new file\n")
+
+
+def test_a_prewalked_tree_gives_the_same_snapshot_and_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "_RACY_NS", 0)
+    (tmp_path / "a.txt").write_text("alpha\n")
+    cache = snapshot.SnapshotCache()
+    before = snapshot.take(tmp_path, cache=cache, **LIMITS)
+    (tmp_path / "a.txt").write_text("ALPHA\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    walked = snapshot.walk_if_small(tmp_path, before)
+    assert walked is not None
+    inline = snapshot.compare(tmp_path, before, file_limit=LIMITS["file_limit"], max_patch_bytes=1 << 20,
+                              walked=walked)
+    walking = snapshot.compare(tmp_path, before, file_limit=LIMITS["file_limit"], max_patch_bytes=1 << 20)
+    assert inline == walking
+    assert [(c.path, c.status) for c in inline[0]] == [("a.txt", "modified"), ("b.txt", "added")]
+    after = snapshot.take(tmp_path, cache=cache, walked=snapshot.walk_if_small(tmp_path, before), **LIMITS)
+    assert sorted(after.entries) == ["a.txt", "b.txt"]
+    assert snapshot._content(after.entries["b.txt"]) == b"beta\n"

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from ocbridge.bridge.agent_user import AgentUser, copy_agent_file
 from ocbridge.bridge.redact import Redactor
@@ -28,6 +29,8 @@ from .errors import GitError
 from .repo import current_branch, head_commit, is_repo
 from .runner import run_git
 from .settings import GitSettings
+
+T = TypeVar("T")
 
 _STATUS = {"A": "added", "M": "modified", "T": "modified", "D": "deleted", "R": "renamed", "C": "added"}
 
@@ -78,9 +81,20 @@ async def begin(path: Path, *, settings: GitSettings | None = None, redactor: Re
         commit = await head_commit(path, settings=settings, redactor=redactor)
         tree = await worktree_tree(path, settings=settings, redactor=redactor)
         return Baseline(kind="git", root=path, commit=commit, tree=tree)
-    snap = await asyncio.to_thread(snapshot.take, path, file_limit=settings.snapshot_file_limit,
-                                   budget=settings.snapshot_budget)
+    snap = await _small_inline(snapshot.take, path, snapshot.default_cache.get(path), settings.snapshot_file_limit,
+                               budget=settings.snapshot_budget)
     return Baseline(kind="snapshot", root=path, snapshot=snap)
+
+
+async def _small_inline(job: Callable[..., T], path: Path, previous: snapshot.Snapshot | None, file_limit: int,
+                        **options: Any) -> T:
+    """``job(path, file_limit=..., walked=..., **options)``: on the event loop when the tree is small
+    and little is left to read (cheaper than a thread hand-off), else in a worker thread."""
+    walked = snapshot.walk_if_small(path, previous)
+    if walked is not None and previous is not None and (
+            snapshot.reads_needed(walked, previous, file_limit) <= snapshot.INLINE_READ_BYTES):
+        return job(path, file_limit=file_limit, walked=walked, **options)
+    return await asyncio.to_thread(job, path, file_limit=file_limit, walked=walked, **options)
 
 
 async def collect(path: Path, baseline: Baseline, *, settings: GitSettings | None = None,
@@ -90,8 +104,9 @@ async def collect(path: Path, baseline: Baseline, *, settings: GitSettings | Non
     limit = settings.max_patch_bytes if max_patch_bytes is None else max_patch_bytes
     if baseline.kind == "snapshot":
         assert baseline.snapshot is not None
-        changes, patch, truncated = await asyncio.to_thread(
-            snapshot.compare, path, baseline.snapshot, file_limit=settings.snapshot_file_limit, max_patch_bytes=limit
+        changes, patch, truncated = await _small_inline(
+            snapshot.compare, path, baseline.snapshot, settings.snapshot_file_limit,
+            before=baseline.snapshot, max_patch_bytes=limit,
         )
         return ChangeSet(changes=changes, patch=patch, patch_truncated=truncated)
     if not is_repo(path):

@@ -7,8 +7,9 @@ is the same as in the previous snapshot of the same tree is taken from that snap
 being read again (:class:`SnapshotCache`): a task in a big workspace reads only what changed since
 the last one. After the prompt only files whose stat data changed are read again;
 a file whose content is unchanged (merely touched) is not reported. Deleted + added files with the
-same content are reported as one rename. Directories named ``.git`` are skipped. Synchronous: call
-through :func:`asyncio.to_thread`.
+same content are reported as one rename. Directories named ``.git`` are skipped. Synchronous: a
+big tree is walked through :func:`asyncio.to_thread`; a small one (:func:`walk_if_small`) is walked
+on the caller's thread, and the rest runs there too when little is left to read (:func:`reads_needed`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,40 @@ class SnapshotCache:
 #: The process-wide cache :func:`take` uses unless given another.
 default_cache = SnapshotCache()
 
+#: A tree whose last snapshot had at most this many entries is walked on the event loop (well
+#: under a millisecond), and so is the rest of the job when it reads at most ``INLINE_READ_BYTES``:
+#: handing so small a job to a worker thread costs more CPU than the job (the hand-off, and the
+#: GIL passed back and forth at every stat call while the loop runs other tasks).
+INLINE_ENTRIES = 256
+INLINE_READ_BYTES = 256 * 1024
+
+#: What a walk yields: ``(relative posix path, os.stat_result, link target)``.
+Walked = list[tuple[str, os.stat_result, str | None]]
+
+
+def walk_if_small(root: Path, previous: Snapshot | None) -> Walked | None:
+    """The walk of ``root`` when its ``previous`` snapshot says the tree is small; ``None``
+    (nothing walked) when it is big or unknown."""
+    if previous is None or len(previous.entries) > INLINE_ENTRIES:
+        return None
+    walked = list(_walk(root))
+    return walked if len(walked) <= 2 * INLINE_ENTRIES else None
+
+
+def reads_needed(walked: Walked, previous: Snapshot, file_limit: int) -> int:
+    """Bytes :func:`take` or :func:`compare` would read after ``walked``: the files up to
+    ``file_limit`` that are new, changed or changed too recently to be trusted since ``previous``."""
+    trusted_before = previous.taken_ns - _RACY_NS
+    total = 0
+    for rel, st, link in walked:
+        if link is not None or st.st_size > file_limit:
+            continue
+        old = previous.entries.get(rel)
+        if (old is None or old.size != st.st_size or old.mtime_ns != st.st_mtime_ns
+                or max(old.mtime_ns, old.ctime_ns) >= trusted_before):
+            total += st.st_size
+    return total
+
 
 def _walk(root: Path):
     """Yield ``(relative posix path, os.stat_result, link target)`` for files and links under ``root``."""
@@ -141,8 +176,10 @@ def _entry(st: os.stat_result, link: str | None) -> Entry:
                  ctime_ns=st.st_ctime_ns, ino=st.st_ino)
 
 
-def take(root: Path, *, file_limit: int, budget: int, cache: SnapshotCache | None = default_cache) -> Snapshot:
-    """Snapshot the tree under ``root``; content unchanged since ``cache``'s last snapshot of it is reused."""
+def take(root: Path, *, file_limit: int, budget: int, cache: SnapshotCache | None = default_cache,
+         walked: Walked | None = None) -> Snapshot:
+    """Snapshot the tree under ``root``; content unchanged since ``cache``'s last snapshot of it is
+    reused. ``walked``: the tree's walk, made just before (else it is walked here)."""
     previous = cache.get(root) if cache is not None else None
     before = previous.entries if previous is not None else {}
     # Reusable: captured content of files that had not changed for a while when it was taken.
@@ -150,7 +187,7 @@ def take(root: Path, *, file_limit: int, budget: int, cache: SnapshotCache | Non
     snap = Snapshot(taken_ns=time.time_ns())
     entries = snap.entries
     kept = 0
-    for rel, st, link in _walk(root):
+    for rel, st, link in walked if walked is not None else _walk(root):
         size = st.st_size
         capture = link is None and size <= file_limit and kept + size <= budget
         old = before.get(rel)
@@ -234,13 +271,14 @@ class _Patch:
         self.size += size
 
 
-def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: int) -> tuple[
-        list[FileChange], str, bool]:
-    """Changes between ``before`` and the tree now: ``(changes, unified diff, diff truncated)``."""
+def compare(root: Path, before: Snapshot, *, file_limit: int, max_patch_bytes: int,
+            walked: Walked | None = None) -> tuple[list[FileChange], str, bool]:
+    """Changes between ``before`` and the tree now: ``(changes, unified diff, diff truncated)``.
+    ``walked``: the tree's walk, made just before (else it is walked here)."""
     now: dict[str, Entry] = {}
     unchanged: set[str] = set()  # same size, mtime and link as before: the common case, no Entry made
     previous = before.entries
-    for rel, st, link in _walk(root):
+    for rel, st, link in walked if walked is not None else _walk(root):
         old = previous.get(rel)
         if old is not None and old.link == link and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
             now[rel] = old
