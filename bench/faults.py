@@ -30,9 +30,10 @@ Duplicated counts a task when any of these holds:
     call ids whose results come back, so the count survives OpenCode and sidecar deaths; a run
     OpenCode resumes after a restart sends the same call's result again, which is one write). Split into
     re-runs after a run that died or was given back (record ``attempt`` > 1: the write of the
-    first run was done, its result was not) and writes repeated within one attempt (of which:
-    runs carried on after the OpenCode kill, per the sidecar's log, whose first write call the kill
-    cut off, so the model made it again);
+    first run was done, its result was not) and writes repeated within one run;
+    a write call whose result came back "[Tool execution was interrupted]" (the OpenCode kill cut it
+    off, and the restarted server carried the run on) is no write: the model then writes again in
+    the same run, and such tasks are listed on a row of their own;
   * its file changed after its first result arrived (mtime), or has the wrong content.
 Retried comes from the task records (tasks bucket): ``attempt`` > 1 (ran more than once),
 ``retries`` (give-backs that were not the task's fault), died runs = attempt - 1 - retries.
@@ -84,6 +85,8 @@ from ocbridge.client.protocol import Naming, TaskRecord
 
 OCBRIDGE = str(Path(sys.executable).parent / "ocbridge")
 _TASK_PROMPT = re.compile(r"create f(\d+)\.txt with content")
+#: What a restarted OpenCode reports as the result of a tool call its predecessor died in.
+_INTERRUPTED = "[Tool execution was interrupted]"
 _OPENCODE_UP = re.compile(r"OpenCode \S+ listening on")
 
 log = logging.getLogger("bench.faults")
@@ -100,12 +103,15 @@ def pct(values: list[float], q: float) -> float:
 class CountingModel(OfflineModelServer):
     """The offline model, counting per task (the ``<i>`` of ``f<i>.txt``) the requests that start
     its prompt (``starts``) and the tool calls whose results come back (``writes``: their ids,
-    random per answer). Request bodies are not kept (the base class keeps them all)."""
+    random per answer), apart from those that came back as interrupted (``interrupted``: OpenCode
+    died while the tool ran, and its successor reports it so). Request bodies are not kept (the
+    base class keeps them all)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.starts: Counter[int] = Counter()
         self.writes: dict[int, set[str]] = {}
+        self.interrupted: dict[int, set[str]] = {}
 
     @web.middleware
     async def _record(self, request: web.Request, handler):
@@ -125,8 +131,11 @@ class CountingModel(OfflineModelServer):
         if not conv.results_since_prompt():
             self.starts[task] += 1
             return
-        calls = {m.get("tool_call_id") for m in body.get("messages") or [] if m.get("role") == "tool"}
-        self.writes.setdefault(task, set()).update(str(call) for call in calls)
+        for message in body.get("messages") or []:
+            if message.get("role") != "tool":
+                continue
+            cut_off = _INTERRUPTED in json.dumps(message.get("content"))
+            (self.interrupted if cut_off else self.writes).setdefault(task, set()).add(str(message.get("tool_call_id")))
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -317,7 +326,7 @@ class RunReport:
     records: dict[str, TaskRecord | None] = field(default_factory=dict)
     starts: Counter[int] = field(default_factory=Counter)
     writes: Counter[int] = field(default_factory=Counter)
-    carried_on: set[str] = field(default_factory=set)  # task ids whose run outlived its OpenCode
+    interrupted: Counter[int] = field(default_factory=Counter)  # write calls that came back interrupted
     file_problems: dict[int, str] = field(default_factory=dict)
     by_sidecar: Counter[str] = field(default_factory=Counter)
     logged_give_backs: int = 0
@@ -345,16 +354,21 @@ class RunReport:
         """Written twice, and the task ran twice: its first run died with its sidecar or was given back."""
         return [o for o in self.written_twice() if (getattr(self.records.get(o.task_id), "attempt", 1) or 1) > 1]
 
-    def written_twice_cut_off(self) -> list[Outcome]:
-        """Written twice within one attempt whose run carried on after its OpenCode was killed: the
-        kill cut the first write call off, and the model made it again."""
-        reruns = {o.task_id for o in self.written_twice_rerun()}
-        return [o for o in self.written_twice() if o.task_id in self.carried_on and o.task_id not in reruns]
+    def redone_after_interruption(self) -> list[Outcome]:
+        """Tasks whose write call came back "[Tool execution was interrupted]" (the OpenCode kill cut
+        it off; the run carried on on the restarted server) and the model wrote again, in the same run."""
+        return [o for o in self.outcomes if self.interrupted[o.index] and self.writes[o.index]]
 
     def file_changed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.index in self.file_problems]
 
+    def written_twice_in_one_run(self) -> list[Outcome]:
+        reruns = {o.task_id for o in self.written_twice_rerun()}
+        return [o for o in self.written_twice() if o.task_id not in reruns]
+
     def duplicated(self) -> list[Outcome]:
+        """Tasks that ran twice or answered twice: more than one result message, a file written
+        twice (by two runs, or twice in one), or changed after the result."""
         ids = {o.task_id for o in (*self.multi_results(), *self.written_twice(), *self.file_changed())}
         return [o for o in self.outcomes if o.task_id in ids]
 
@@ -595,6 +609,7 @@ async def run_once(label: str, base: Path, args: argparse.Namespace, faults: boo
                 report.file_problems[o.index] = "missing although completed"
         report.starts, report.writes = Counter(stack.model.starts), Counter(
             {task: len(calls) for task, calls in stack.model.writes.items()})
+        report.interrupted = Counter({task: len(calls) for task, calls in stack.model.interrupted.items()})
         report.details += explain(report, stack)
         (stack.tmp / "outcomes.json").write_text(json.dumps([per_task(report, stack, o) for o in outcomes], indent=1))
         return report
@@ -607,6 +622,7 @@ def per_task(report: RunReport, stack: Stack, o: Outcome) -> dict[str, Any]:
         "status": o.status, "problem": o.problem,
         "submitRetries": o.submit_retries, "resultMessages": report.result_messages[o.task_id],
         "modelStarts": report.starts[o.index], "writes": report.writes[o.index],
+        "interruptedWrites": report.interrupted[o.index],
         "file": report.file_problems.get(o.index, "ok"), "sidecar": stack.sidecar_of(record),
         "record": {"state": record.state, "attempt": record.attempt, "retries": record.retries} if record else None,
     }
@@ -621,9 +637,6 @@ def explain(report: RunReport, stack: Stack) -> list[str]:
     logs = {s.name: s.log_text().splitlines() for s in stack.sidecars}
     report.logged_give_backs = sum(1 for text in logs.values() for line in text
                                    if f"task {report.label}-" in line and " given back " in line)
-    for line in (line for text in logs.values() for line in text if "resuming session" in line):
-        with contextlib.suppress(ValueError, AttributeError, KeyError):
-            report.carried_on.add(json.loads(line)["task_id"])
     for task_id, o in suspects.items():
         record = report.records.get(task_id)
         lines.append(
@@ -665,12 +678,11 @@ def print_reports(clean: RunReport, faulted: RunReport, args: argparse.Namespace
     row("lost (no result)", [str(len(r.lost)) for r in runs], f"deadline {args.deadline:.0f}s per task")
     row("duplicated", [str(len(r.duplicated())) for r in runs])
     row("  more than one result message", [str(len(r.multi_results())) for r in runs])
-    row("  file written more than once", [str(len(r.written_twice())) for r in runs])
-    row("    re-run after a died run", [str(len(r.written_twice_rerun())) for r in runs])
-    row("    written twice in one attempt",
-        [str(len(r.written_twice()) - len(r.written_twice_rerun())) for r in runs])
-    row("      a cut-off write made again", [str(len(r.written_twice_cut_off())) for r in runs])
+    row("  file written by two runs", [str(len(r.written_twice_rerun())) for r in runs], "(re-run after a died run)")
+    row("  file written twice in one run", [str(len(r.written_twice_in_one_run())) for r in runs])
     row("  file changed after its result", [str(len(r.file_changed())) for r in runs])
+    row("write cut off, redone in its run", [str(len(r.redone_after_interruption())) for r in runs],
+        "(OpenCode killed during the write; not a duplicate)")
     row("retried (attempt > 1)", [str(len(r.retried())) for r in runs])
     row("  give-backs (retries)", [str(r.give_backs()) for r in runs])
     row("  runs that died (attempt-1-retries)", [str(r.died_runs()) for r in runs])

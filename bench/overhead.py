@@ -4,9 +4,10 @@ Same OpenCode server, same offline model, same one-tool prompts:
   (a) straight to OpenCode's HTTP API: create a session, POST /session/{id}/message (blocks to the end);
   (b) through the bridge: CodingClient.run() -> NATS JetStream -> sidecar -> OpenCode, new session each.
 Sequentially and at concurrency 4 (``--tasks`` each), then at concurrency 8 (``--throughput-tasks``,
-in four alternating halves: direct, bridge, bridge, direct, so that a drift in the machine's load
-hits both paths alike), with the sidecar's own concurrency at 8. Latency p50/p95 for each mode, and
-throughput (tasks per second of wall time) with its bridge / direct ratio. Then the cost of
+in alternating chunks of 20: direct, bridge, bridge, direct, direct, bridge..., so that a drift in the
+machine's load hits both paths alike; the ratio of each neighbouring pair is printed too), with the
+sidecar's own concurrency at 8. Latency p50/p95 for each mode, and throughput (tasks per second of
+wall time) with its bridge / direct ratio. Then the cost of
 observability: the bridge path on two sidecars side by side, one plain and one with tracing and
 metrics on (OTLP over HTTP to a collector stub run by this harness, spans and metrics every second,
 ``/metrics`` scraped every second as Prometheus would), sequentially in alternating chunks; goal:
@@ -277,33 +278,43 @@ async def latency(tmp: Path, nats: EmbeddedNats, model_url: str, tasks: int, thr
                 b, b_wall = await measure(label, bridge, tasks, conc)
                 rows.append((label, d, b))
                 throughput.append((label, tasks / d_wall, tasks / b_wall))
-            # Concurrency 8: direct, bridge, bridge, direct (a load drift during the run then costs
-            # both paths alike); throughput = all tasks / the summed wall time of each path.
+            # Concurrency 8 in chunks of 20: direct, bridge, bridge, direct, direct, bridge... (a
+            # load drift during the run then costs both paths alike); throughput = all tasks / the
+            # summed wall time of each path, and per neighbouring pair of chunks, to show the spread.
             # CPU of each process per task, to tell where a throughput gap goes (2 cores: at
             # concurrency 8 the CPU is the limit, so the bridge's own CPU is what it costs).
-            half = max(throughput_tasks // 2, 1)
+            chunks = max(throughput_tasks // 20, 1)
+            chunk = max(throughput_tasks // chunks, 1)
+            order = [(direct.run, bridge, bridge, direct.run)[i % 4] for i in range(2 * chunks)]
             d, b, d_wall, b_wall = [], [], 0.0, 0.0
+            pair_ratios: list[float] = []
             # (pid, with its descendants): the harness alone, as OpenCode, the sidecar and nats-server
             # are its children.
             pids = {"opencode": (stack.opencode.pid, True), "sidecar": (stack.sidecar.pid, True),
                     "nats-server": (nats.pid, True), "harness (client + model)": (os.getpid(), False)}
             cpu = {path: dict.fromkeys(pids, 0.0) for path in ("direct", "bridge")}
-            for fn in (direct.run, bridge, bridge, direct.run):
+            walls: dict[str, float] = {}
+            for index, fn in enumerate(order):
                 path = "bridge" if fn is bridge else "direct"
                 before = {name: cpu_seconds(*proc) for name, proc in pids.items()}
-                lat, wall = await measure("concurrency 8", fn, half, 8)
+                lat, wall = await measure("concurrency 8", fn, chunk, 8)
                 for name, proc in pids.items():
                     cpu[path][name] += cpu_seconds(*proc) - before[name]
                 if fn is bridge:
                     b, b_wall = b + lat, b_wall + wall
                 else:
                     d, d_wall = d + lat, d_wall + wall
+                walls[path] = wall
+                if index % 2:  # a direct and a bridge chunk side by side
+                    pair_ratios.append(walls["direct"] / walls["bridge"])
             rows.append(("concurrency 8", d, b))
             throughput.append(("concurrency 8", len(d) / d_wall, len(b) / b_wall))
             print(f"OpenCode {stack.opencode.version}, offline model, one-tool prompts, same workspace, new session "
-                  f"each; {tasks} per path sequentially and at concurrency 4, {2 * half} at concurrency 8; "
+                  f"each; {tasks} per path sequentially and at concurrency 4, {len(d)} at concurrency 8; "
                   "sidecar concurrency 8")
             report(rows, throughput)
+            print(f"  concurrency 8, bridge / direct per pair of neighbouring chunks of {chunk}: "
+                  + " ".join(f"{ratio:.2f}" for ratio in pair_ratios))
             print("\nCPU per task at concurrency 8 (ms):")
             for path, n in (("direct", len(d)), ("bridge", len(b))):
                 parts = [f"{name} {seconds / n * 1000:.0f}" for name, seconds in cpu[path].items()]
@@ -419,7 +430,7 @@ async def main(tasks: int, throughput_tasks: int, observed_tasks: int, observe: 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20, help="per path, sequentially and at concurrency 4")
-    parser.add_argument("--throughput-tasks", type=int, default=80, help="per path at concurrency 8")
+    parser.add_argument("--throughput-tasks", type=int, default=160, help="per path at concurrency 8")
     parser.add_argument("--observed-tasks", type=int, default=40,
                         help="per sidecar (observability off / on), sequentially; 0 skips the row")
     parser.add_argument("--observe", default="traces,metrics",
