@@ -114,8 +114,12 @@ def walk_if_small(root: Path, previous: Snapshot | None) -> Walked | None:
     (nothing walked) when it is big or unknown."""
     if previous is None or len(previous.entries) > INLINE_ENTRIES:
         return None
-    walked = list(_walk(root))
-    return walked if len(walked) <= 2 * INLINE_ENTRIES else None
+    walked: Walked = []
+    for item in _walk(root):
+        if len(walked) == 2 * INLINE_ENTRIES:
+            return None  # it grew (an install?): the thread walks it, the loop stops here
+        walked.append(item)
+    return walked
 
 
 def reads_needed(walked: Walked, previous: Snapshot, file_limit: int) -> int:
