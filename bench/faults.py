@@ -78,6 +78,7 @@ from aiohttp import web
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.offline_model import openai_api
 from ocbridge.bridge.offline_model.configs import opencode_provider_config
+from ocbridge.bridge.offline_model.script import INTERRUPTED
 from ocbridge.bridge.offline_model.server import OfflineModelServer
 from ocbridge.bridge.processes import die_with_parent_hook
 from ocbridge.client.client import CodingClient, TaskNotFound
@@ -85,8 +86,6 @@ from ocbridge.client.protocol import Naming, TaskRecord
 
 OCBRIDGE = str(Path(sys.executable).parent / "ocbridge")
 _TASK_PROMPT = re.compile(r"create f(\d+)\.txt with content")
-#: What a restarted OpenCode reports as the result of a tool call its predecessor died in.
-_INTERRUPTED = "[Tool execution was interrupted]"
 _OPENCODE_UP = re.compile(r"OpenCode \S+ listening on")
 
 log = logging.getLogger("bench.faults")
@@ -134,7 +133,7 @@ class CountingModel(OfflineModelServer):
         for message in body.get("messages") or []:
             if message.get("role") != "tool":
                 continue
-            cut_off = _INTERRUPTED in json.dumps(message.get("content"))
+            cut_off = INTERRUPTED in json.dumps(message.get("content"))
             (self.interrupted if cut_off else self.writes).setdefault(task, set()).add(str(message.get("tool_call_id")))
 
 

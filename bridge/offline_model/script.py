@@ -147,6 +147,10 @@ def split_turns(steps: list[Step]) -> list[list[Step]]:
     return turns
 
 
+#: What OpenCode gives a model as the result of a tool call its server died in.
+INTERRUPTED = "[Tool execution was interrupted]"
+
+
 def respond(conv: Conversation, nonce: str = "") -> Reply:
     """Decide the next response to ``conv``.
 
@@ -158,7 +162,9 @@ def respond(conv: Conversation, nonce: str = "") -> Reply:
     steps = parse_prompt(conv.prompt())
     turns = split_turns(steps)
     tool_steps = [s for s in steps if s.is_tool]
-    results = conv.results_since_prompt()
+    # A step whose tool was cut off (the client died while it ran) is made again, as a model
+    # would; the later steps count only the results that came through.
+    results = [r for r in conv.results_since_prompt() if INTERRUPTED not in r]
     index = min(len(results), len(turns) - 1)
     turn = turns[index]
     reply = _plain_parts(turn, conv)

@@ -39,10 +39,21 @@ def new_message_id() -> str:
     Sending our own id with a prompt tells us which user message is ours without guessing. Like
     OpenCode's own ids it sorts after every earlier message (OpenCode orders history by id).
     """
+    return _ascending_id("msg_")
+
+
+def new_part_id() -> str:
+    """An OpenCode-style ascending part id (``prt_``...), for the text part of a prompt: the same
+    prompt sent again with the same message and part ids updates that part instead of adding the
+    text a second time (OpenCode stores parts by id)."""
+    return _ascending_id("prt_")
+
+
+def _ascending_id(prefix: str) -> str:
     global _last_id_value
     value = max(int(time.time() * 1000) * 0x1000, _last_id_value + 1)
     _last_id_value = value
-    return "msg_" + format(value & 0xFFFFFFFFFFFF, "012x") + "".join(secrets.choice(_BASE62) for _ in range(14))
+    return prefix + format(value & 0xFFFFFFFFFFFF, "012x") + "".join(secrets.choice(_BASE62) for _ in range(14))
 
 
 #: OpenCode's own SQLite store refusing a query, typically because another connection holds its
@@ -252,9 +263,14 @@ class OpenCodeAPI:
         model: JSON | None = None,
         agent: str | None = None,
         message_id: str | None = None,
+        part_id: str | None = None,
     ) -> None:
-        """Queue a prompt; OpenCode answers 204 at once and reports progress as events."""
-        body: JSON = {"parts": [{"type": "text", "text": text}]}
+        """Queue a prompt; OpenCode answers 204 at once and reports progress as events.
+        ``message_id`` and ``part_id``: the ids of the user message and its text part."""
+        part: JSON = {"type": "text", "text": text}
+        if part_id:
+            part["id"] = part_id
+        body: JSON = {"parts": [part]}
         if model is not None:
             body["model"] = model
         if agent:

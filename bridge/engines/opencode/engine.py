@@ -35,7 +35,7 @@ from ocbridge.bridge.engines.base import (
 )
 from ocbridge.bridge.engines.names import check_opencode_session
 
-from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, new_message_id
+from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, new_message_id, new_part_id
 from .directories import DirectoryTracker, dir_key
 from .events import SERVER_LOST, Event, EventHub, Subscription
 from .follow import RunFollower, ServerLost
@@ -265,7 +265,9 @@ class OpenCodeEngine(Engine):
             self._forget_unused(key)  # a run without open_session()/release()
 
     async def _run(self, request: PromptRequest, key: str, sid: str, on_event: EventSink) -> RunOutcome:
-        message_id = new_message_id()
+        # Our own ids: the run knows its user message, and a prompt sent again after a restart
+        # updates that message and its text instead of giving the agent the prompt twice.
+        message_id, part_id = new_message_id(), new_part_id()
         translator = RunTranslator(sid, message_id)
         model = None
         if request.model is not None:
@@ -281,7 +283,8 @@ class OpenCodeEngine(Engine):
             subs[:] = [self.events.subscribe(sid, key)]
             if request.tools is not None:
                 await self._ensure_tools(api, key, request.tools)
-            await api.prompt_async(key, sid, request.prompt, model=model, agent=request.agent, message_id=message_id)
+            await api.prompt_async(key, sid, request.prompt, model=model, agent=request.agent, message_id=message_id,
+                                   part_id=part_id)
 
         sent = False
         try:
