@@ -133,7 +133,7 @@ class CountingModel(OfflineModelServer):
         for message in body.get("messages") or []:
             if message.get("role") != "tool":
                 continue
-            cut_off = INTERRUPTED in json.dumps(message.get("content"))
+            cut_off = INTERRUPTED in json.dumps(message.get("content"))  # (the text alone, or in parts)
             (self.interrupted if cut_off else self.writes).setdefault(task, set()).add(str(message.get("tool_call_id")))
 
 

@@ -164,7 +164,7 @@ def respond(conv: Conversation, nonce: str = "") -> Reply:
     tool_steps = [s for s in steps if s.is_tool]
     # A step whose tool was cut off (the client died while it ran) is made again, as a model
     # would; the later steps count only the results that came through.
-    results = [r for r in conv.results_since_prompt() if INTERRUPTED not in r]
+    results = [r for r in conv.results_since_prompt() if r.strip() != INTERRUPTED]
     index = min(len(results), len(turns) - 1)
     turn = turns[index]
     reply = _plain_parts(turn, conv)

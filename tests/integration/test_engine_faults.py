@@ -149,7 +149,10 @@ async def test_opencode_killed_mid_task_carries_on_with_the_restarted_server(mod
 
         outcome = await asyncio.wait_for(task, 60)
         assert outcome.error is None and (ws / "done.txt").read_text() == "done" and engine.healthy()
-        assert "[Tool execution was interrupted]" in outcome.text and outcome.text.count(f"Ran `{mark}`") == 2
+        # The model saw the cut-off command as interrupted and ran it again: three tool calls for
+        # two steps, and the summary shows the run that came through.
+        assert outcome.text.count(f"Ran `{mark}`") == 1 and "interrupted" not in outcome.text
+        assert outcome.tool_calls == 3, outcome
         assert outcome.message_count == 1  # one prompt in the history: carried on, not sent again as new
         assert [e.tool.name for e in rec.events if e.kind == "tool_start"][-1] == "write"
         await engine.release(ws)
