@@ -90,7 +90,7 @@ async def _small_inline(job: Callable[..., T], path: Path, previous: snapshot.Sn
                         **options: Any) -> T:
     """``job(path, file_limit=..., walked=..., **options)``: on the event loop when the tree is small
     and little is left to read (cheaper than a thread hand-off), else in a worker thread."""
-    walked = snapshot.walk_if_small(path, previous)
+    walked = snapshot.walk_if_small(path, previous)  # None when previous is None
     if walked is not None and previous is not None and (
             snapshot.reads_needed(walked, previous, file_limit) <= snapshot.INLINE_READ_BYTES):
         return job(path, file_limit=file_limit, walked=walked, **options)

@@ -98,8 +98,8 @@ class SnapshotCache:
 #: The process-wide cache :func:`take` uses unless given another.
 default_cache = SnapshotCache()
 
-#: A tree whose last snapshot had at most this many entries is walked on the event loop (well
-#: under a millisecond), and so is the rest of the job when it reads at most ``INLINE_READ_BYTES``:
+#: A tree whose last snapshot had at most this many entries is walked on the event loop (about
+#: 1.5 ms here; 1000 entries took 6 ms), and so is the rest of the job when it reads at most ``INLINE_READ_BYTES``:
 #: handing so small a job to a worker thread costs more CPU than the job (the hand-off, and the
 #: GIL passed back and forth at every stat call while the loop runs other tasks).
 INLINE_ENTRIES = 256
