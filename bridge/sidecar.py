@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 
 from ocbridge.bridge.agent_tools import AgentToolsServer
 from ocbridge.bridge.agent_user import describe, resolve_agent_user
+from ocbridge.bridge.jetstream.journal import ensure_result_journal
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.jetstream.setup import (
     Buckets,
@@ -124,6 +125,8 @@ class Sidecar:
             naming, settings = config.naming, config.jetstream
             stream = await ensure_task_stream(js, naming, settings)
             await ensure_dead_letter_stream(js, naming)
+            journal = await ensure_result_journal(js, naming, max_age=settings.task_record_ttl,
+                                                  replicas=settings.replicas)
             consumer = await ensure_consumer(js, stream, naming, settings)
             buckets = await ensure_buckets(js, naming, settings, config.observability.heartbeat_ttl)
             await self._start_agent_tools(js, buckets)
@@ -154,6 +157,7 @@ class Sidecar:
                 healthy=self.engine.healthy,
                 rebind=lambda: ensure_consumer(js, stream, naming, settings),
                 metrics=self.metrics,
+                journal=journal,
             )
             await self.worker.start()
             await self._start_heartbeat(buckets)

@@ -2,7 +2,7 @@
 
 Station publishes tasks with a plain core-NATS publish: with no stream over the task subject yet,
 NATS drops them. ``init`` creates the task stream, the shared consumer, the dead-letter stream,
-the KV buckets and the object store with the sidecar's own code (:mod:`..jetstream.setup`) and
+the result journal, the KV buckets and the object store with the sidecar's own code (:mod:`..jetstream.setup`) and
 configuration (``--config``, ``OCBRIDGE_*``, ``--nats-url``, as ``serve`` reads them), so what it
 creates is what the first sidecar would have created. Run it again at any time: it is idempotent.
 
@@ -24,6 +24,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from ocbridge.bridge.config import BridgeConfig
+from ocbridge.bridge.jetstream.journal import ensure_result_journal
 from ocbridge.bridge.jetstream.setup import (
     ConsumerMismatch,
     bucket_ttls,
@@ -112,6 +113,21 @@ async def _dead_letter_stream(js: JetStreamContext, config: BridgeConfig, report
     report.line("created", f"stream {name}", f"dead letters ({naming.dead_letter}), max_age 30d")
 
 
+async def _result_journal(js: JetStreamContext, config: BridgeConfig, report: Report) -> None:
+    naming, settings = config.naming, config.jetstream
+    subjects = f"{naming.result_prefix}.>"
+    existed = await _stream_info(js, naming.results_stream)
+    journal = await ensure_result_journal(js, naming, max_age=settings.task_record_ttl, replicas=settings.replicas)
+    if journal.stream is None:
+        report.line("FAIL", f"stream {naming.results_stream}", f"cannot keep the results on {subjects}: the name "
+                    "is used by a stream over other subjects")
+    elif existed is None and journal.stream == naming.results_stream:
+        report.line("created", f"stream {journal.stream}", f"result journal ({subjects}), one per subject, "
+                    f"max_age {_ttl(settings.task_record_ttl)}")
+    else:
+        report.line("ok", f"stream {journal.stream}", f"result journal ({subjects})")
+
+
 async def _consumer(js: JetStreamContext, stream: str, config: BridgeConfig, report: Report) -> None:
     naming, settings = config.naming, config.jetstream
     what = f"consumer {naming.consumer_name}"
@@ -187,6 +203,7 @@ async def initialise(config: BridgeConfig, report: Report, *, timeout: float = 1
             return
         stream = await within(_task_stream(js, config, report), timeout)
         await within(_dead_letter_stream(js, config, report), timeout)
+        await within(_result_journal(js, config, report), timeout)
         if stream is not None:
             await within(_consumer(js, stream, config, report), timeout)
         await within(_buckets(js, config, report), timeout * 3)

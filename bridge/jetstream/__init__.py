@@ -4,6 +4,7 @@ registry, the workspace-operations server and dead letters)."""
 
 from .cancel import CancelRegistry
 from .deadletter import DeadLetters
+from .journal import ResultJournal, ensure_result_journal
 from .natsd import EmbeddedNats
 from .ops_server import OpsServer
 from .setup import Buckets, ensure_buckets, ensure_consumer, ensure_dead_letter_stream, ensure_task_stream
@@ -15,9 +16,11 @@ __all__ = [
     "DeadLetters",
     "EmbeddedNats",
     "OpsServer",
+    "ResultJournal",
     "Worker",
     "ensure_buckets",
     "ensure_consumer",
     "ensure_dead_letter_stream",
+    "ensure_result_journal",
     "ensure_task_stream",
 ]

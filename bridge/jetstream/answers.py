@@ -4,7 +4,8 @@ published again, a rejection (error result or dead letter), or a give-back (``na
 The order of :meth:`Answers.finish` is what makes a result exactly-once across crashes: the result
 is stored in the task record (state ``publishing``) before it is published, marked ``done`` after,
 and the message is acked last. A crash between any two steps leaves a redelivery that finds the
-stored result and publishes it again instead of running the agent a second time.
+stored result and publishes it instead of running the agent a second time; when the crash came
+after the publish, the result journal (:mod:`.journal`) says so and it is not published twice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ocbridge.client.protocol import ErrorType, Task, TaskRecord, TaskResult, Ta
 
 from .deadletter import DeadLetters
 from .intake import Rejection
+from .journal import RESULT_HEADER, ResultJournal, result_mark
 from .records import TaskRecords
 from .results import FLUSH_TIMEOUT, Publisher
 
@@ -74,6 +76,7 @@ class Answers:
         records: TaskRecords,
         publisher: Publisher,
         dead_letters: DeadLetters,
+        journal: ResultJournal | None,
         state_bucket: KeyValue,
         redactor: Redactor,
         metrics: TaskMetrics,
@@ -84,6 +87,7 @@ class Answers:
         self._records = records
         self._publisher = publisher
         self._dead_letters = dead_letters
+        self._journal = journal
         self._state = state_bucket
         self._redactor = redactor
         self._metrics = metrics
@@ -120,7 +124,7 @@ class Answers:
             # result is stored; gone before anyone sees the result.
             with logged_suppress(f"task {task_id}: deleting its cancel key", log, level=logging.DEBUG):
                 await self._state.delete(cancel_key(task_id))
-        if not await self._publish(task, message):
+        if not await self._publish(task, message, record):
             await self._retry_later(msg)  # re-published on redelivery
             return
         await self._record_done(record)
@@ -135,9 +139,16 @@ class Answers:
         """A copy of a task that already has a result (a duplicate publish, or a redelivery after
         the result was stored): publish the same result again, never run the agent twice."""
         assert record.result is not None
+        if await self._published_before(msg, task, record):
+            log.info("task %s: its result was published before its sidecar stopped; not publishing it again",
+                     task.task_id)
+            await self._record_done(record)
+            with logged_suppress(f"task {task.task_id}: ack", log):
+                await msg.ack()
+            return
         log.info("task %s already has a result (%s); publishing it again", task.task_id, record.state)
         tracing.add_event("result.republished", {"record.state": record.state})
-        if not await self._publish(task, record.result.to_wire()):
+        if not await self._publish(task, record.result.to_wire(), record):
             await self._retry_later(msg)
             return
         if record.state != "done":
@@ -203,10 +214,24 @@ class Answers:
                 await self._records.put(state)
         await nak(msg, delay)
 
-    async def _publish(self, task: Task, message: bytes) -> bool:
+    async def _published_before(self, msg: Msg, task: Task, record: TaskRecord) -> bool:
+        """Whether this message's stored result is in the journal: its sidecar published it and
+        died before recording it ``done``. (Another copy of the task is answered regardless.)"""
+        if self._journal is None or record.state != "publishing":
+            return False
         try:
-            # The task span's trace context travels back with the result (no headers when untraced).
-            await self._nc.publish(task.callback.result_subject, message, headers=tracing.trace_headers())
+            if record.stream_seq != msg.metadata.sequence.stream:
+                return False
+        except Exception:  # no JetStream metadata: cannot be the same message
+            return False
+        return bool(await self._journal.published(task.callback.result_subject, record))
+
+    async def _publish(self, task: Task, message: bytes, record: TaskRecord) -> bool:
+        # The mark tells the journal which result this is; the task span's trace context travels
+        # back with the result (when traced).
+        headers = {**(tracing.trace_headers() or {}), RESULT_HEADER: result_mark(record)}
+        try:
+            await self._nc.publish(task.callback.result_subject, message, headers=headers)
             await self._nc.flush(timeout=FLUSH_TIMEOUT)
         except Exception as exc:
             log.error("task %s: publishing its result failed (%s); it will be published again", task.task_id, exc)

@@ -46,6 +46,7 @@ from .answers import Answers, error_result, nak
 from .cancel import CancelRegistry
 from .deadletter import DeadLetters
 from .intake import Rejection, read_task
+from .journal import ResultJournal
 from .ops_server import OpsServer
 from .records import TaskRecords
 from .results import Publisher
@@ -79,6 +80,7 @@ class Worker:
         healthy: Callable[[], bool] = lambda: True,
         rebind: Callable[[], Awaitable[ConsumerSettings]] | None = None,
         metrics: TaskMetrics = NO_METRICS,
+        journal: ResultJournal | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -112,7 +114,8 @@ class Worker:
         self._ops = OpsServer(nc, runtime.ops, redactor, self._publisher, limit=config.concurrency)
         self._answers = Answers(
             nc=nc, records=self._records, publisher=self._publisher,
-            dead_letters=DeadLetters(js, self._naming.dead_letter, redactor), state_bucket=buckets.state,
+            dead_letters=DeadLetters(js, self._naming.dead_letter, redactor), journal=journal,
+            state_bucket=buckets.state,
             redactor=redactor, metrics=metrics, retry_delay=config.jetstream.retry_delay, note_error=self._note_error,
         )
 

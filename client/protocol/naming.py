@@ -41,6 +41,9 @@ class Naming(BaseModel):
     sidecars_bucket: str = "ocbridge-sidecars"
     stream_name: str = "OCBRIDGE_TASKS"
     dead_letter_stream: str = "OCBRIDGE_DEADLETTER"
+    #: Addition: keeps the last result on each result subject (``<result_prefix>.>``), so a sidecar
+    #: can tell whether a result whose sidecar died was published (see ``bridge.jetstream.journal``).
+    results_stream: str = "OCBRIDGE_RESULTS"
     consumer_name: str = "ocbridge-workers"
     #: Queue group of the sidecars answering workspace operations (one answers each request).
     ops_queue: str = "ocbridge-ops"

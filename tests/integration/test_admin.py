@@ -113,7 +113,7 @@ async def test_init_is_idempotent_and_a_task_published_before_any_sidecar_runs(a
     assert code == 0, out + err
     first = words(out)
     assert set(first.values()) == {"created"}
-    assert {f"stream {naming.stream_name}", f"stream {naming.dead_letter_stream}",
+    assert {f"stream {naming.stream_name}", f"stream {naming.dead_letter_stream}", f"stream {naming.results_stream}",
             f"consumer {naming.consumer_name}", f"bucket {naming.sessions_bucket}", f"bucket {naming.state_bucket}",
             f"bucket {naming.tasks_bucket}", f"bucket {naming.leases_bucket}", f"bucket {naming.sidecars_bucket}",
             f"object store {naming.object_store}"} == set(first)

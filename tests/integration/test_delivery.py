@@ -20,6 +20,7 @@ from nats.js.errors import KeyNotFoundError
 from ocbridge.bridge import Sidecar
 from ocbridge.bridge.engines import EngineUnavailable
 from ocbridge.bridge.engines.scripted import Delay, ScriptedEngine, Tool, Usage
+from ocbridge.bridge.jetstream.journal import RESULT_HEADER, result_mark
 from ocbridge.bridge.jetstream.setup import ConsumerMismatch
 from ocbridge.client import CodingClient, TaskResult
 from ocbridge.client.protocol import Naming, TaskRecord, cancel_key, record_key
@@ -227,6 +228,41 @@ async def test_the_same_task_id_twice_runs_once_and_both_copies_get_the_result(s
     assert first.status == second.status == "completed"
     assert second.model_dump() == first.model_dump()
     assert len(engine.requests) == 1
+
+
+@pytest.mark.parametrize("reached_the_server", [True, False])
+async def test_a_result_left_publishing_by_a_dead_sidecar_goes_out_once(stack, reached_the_server):
+    """The sidecar running the task stored its result (``publishing``) and died before recording
+    it ``done``: whether it had published it or not, the redelivery publishes it at most once more,
+    so subscribers see it exactly once, and the agent never runs again."""
+    await stack.sidecar(Counting())  # makes the stream, buckets and journal
+    await stack.sidecars.pop().stop(grace=2)
+    js = stack.nc.jetstream()
+    task = stack.task()
+    task_id, subject = task["taskID"], task["callback"]["resultSubject"]
+    seq = (await js.stream_info(stack.naming.stream_name)).state.last_seq + 1  # of the task published below
+    record = TaskRecord(taskID=task_id, state="publishing", sidecar="dead", attempt=1, retries=0, streamSeq=seq,
+                        result=TaskResult(taskID=task_id, status="completed", result="from the dead sidecar"))
+    tasks = await js.key_value(stack.naming.tasks_bucket)
+    await tasks.put(record_key(task_id), json.dumps(record.to_dict()).encode())
+    results = await stack.results(subject)
+    if reached_the_server:  # as the dead sidecar published it
+        await stack.nc.publish(subject, record.result.to_wire(), headers={RESULT_HEADER: result_mark(record)})
+        assert (await _next(results)).result == "from the dead sidecar"
+    await stack.publish(task)
+    engine = Counting()
+    await stack.sidecar(engine)
+    if not reached_the_server:
+        assert (await _next(results)).result == "from the dead sidecar"
+    for _ in range(200):
+        stored = TaskRecord.model_validate_json((await tasks.get(record_key(task_id))).value)
+        info = await js.consumer_info(stack.naming.stream_name, stack.naming.consumer_name)
+        if stored.state == "done" and info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stored.state == "done" and info.num_ack_pending == 0 and info.num_pending == 0
+    await _nothing_more(results, stack)
+    assert engine.requests == []
 
 
 async def test_a_copy_arriving_while_the_first_runs_waits_for_its_result(stack):

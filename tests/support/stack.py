@@ -32,6 +32,7 @@ def unique_naming() -> Naming:
         tasks_bucket=f"tasks-{tag}",
         stream_name=f"TASKS_{tag}",
         dead_letter_stream=f"DEAD_{tag}",
+        results_stream=f"RESULTS_{tag}",
         consumer_name=f"workers-{tag}",
     )
 

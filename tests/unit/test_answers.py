@@ -63,8 +63,9 @@ class PlainPublisher:
 
 
 def answers_for(store: RecordStore, wire: Wire) -> Answers:
-    return Answers(nc=wire, records=store, publisher=PlainPublisher(), dead_letters=None, state_bucket=None,
-                   redactor=Redactor(), metrics=NO_METRICS, retry_delay=5.0, note_error=lambda _: None)
+    return Answers(nc=wire, records=store, publisher=PlainPublisher(), dead_letters=None, journal=None,
+                   state_bucket=None, redactor=Redactor(), metrics=NO_METRICS, retry_delay=5.0,
+                   note_error=lambda _: None)
 
 
 def finished(task_id: str) -> tuple[Task, TaskResult, TaskRecord]:
