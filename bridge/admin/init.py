@@ -122,7 +122,7 @@ async def _result_journal(js: JetStreamContext, config: BridgeConfig, report: Re
         report.line("FAIL", f"stream {naming.results_stream}", f"cannot keep the results on {subjects}: the name "
                     "is used by a stream over other subjects")
     elif existed is None and journal.stream == naming.results_stream:
-        report.line("created", f"stream {journal.stream}", f"result journal ({subjects}), one per subject, "
+        report.line("created", f"stream {journal.stream}", f"result journal ({subjects}), "
                     f"max_age {_ttl(settings.task_record_ttl)}")
     else:
         report.line("ok", f"stream {journal.stream}", f"result journal ({subjects})")

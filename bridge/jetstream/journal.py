@@ -1,5 +1,5 @@
-"""The result journal: a stream keeping the last message on each result subject, so the sidecar
-that takes over a task whose result was stored, but perhaps never published, can tell which.
+"""The result journal: a stream keeping the messages on the result subjects, so the sidecar that
+takes over a task whose result was stored, but perhaps never published, can tell which.
 
 A result is recorded (``publishing``) before it is published and marked ``done`` after. A sidecar
 killed between the two leaves a record that cannot say whether the message went out, and core NATS
@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 #: Header of every result message: ``<taskID> <stream seq> <attempt>`` of what it answers.
 RESULT_HEADER = "Ocbridge-Result-Of"
 
-#: The journal is only ever read in the rare case above: one result per subject, kept as long as
-#: task records are, within a bound on disk.
+#: Results are kept as long as task records are, within a bound on disk (the oldest go first).
 JOURNAL_MAX_BYTES = 1024 * 2**20
 
 #: A lookup slower than this counts as "cannot tell" (the result is then published again).
@@ -52,7 +51,7 @@ async def ensure_result_journal(
     with contextlib.suppress(BadRequestError):  # exists already (or another stream has the subjects)
         await js.add_stream(api.StreamConfig(
             name=naming.results_stream, subjects=[subjects], storage=api.StorageType.FILE,
-            max_msgs_per_subject=1, max_age=max_age, max_bytes=JOURNAL_MAX_BYTES,
+            max_age=max_age, max_bytes=JOURNAL_MAX_BYTES,
             discard=api.DiscardPolicy.OLD, num_replicas=replicas,
         ))
     name: str | None = None

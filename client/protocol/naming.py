@@ -41,7 +41,7 @@ class Naming(BaseModel):
     sidecars_bucket: str = "ocbridge-sidecars"
     stream_name: str = "OCBRIDGE_TASKS"
     dead_letter_stream: str = "OCBRIDGE_DEADLETTER"
-    #: Addition: keeps the last result on each result subject (``<result_prefix>.>``), so a sidecar
+    #: Addition: keeps the results published (``<result_prefix>.>``) for a while, so a sidecar
     #: can tell whether a result whose sidecar died was published (see ``bridge.jetstream.journal``).
     results_stream: str = "OCBRIDGE_RESULTS"
     consumer_name: str = "ocbridge-workers"

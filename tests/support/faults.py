@@ -4,8 +4,9 @@ restart, a "nothing more can come" check, and a scripted sidecar as a child proc
 - :class:`RunLog` / :func:`recording_engine`: a :class:`ScriptedEngine` whose prompt is
   ``"<marker> <seconds>"``; every run appends ``start`` (and, unless it was aborted or its process
   killed, ``end``) lines to a shared JSON-lines file, so runs are counted across processes.
-- :class:`ResultLog`: a JetStream stream over ``<result prefix>.>``: every result that reached the
-  server is kept, even while the test's own connection was reconnecting.
+- :class:`ResultLog`: a JetStream stream over ``<result prefix>.>`` (the sidecars' result journal,
+  or one of its own when it starts first): every result that reached the server is kept, even
+  while the test's own connection was reconnecting.
 - :func:`settled`: the task stream's consumer has nothing pending or unacknowledged, the
   (work-queue) stream is empty, no in-process sidecar is still handling a delivery and no session
   lease is held. A sidecar publishes a result only while it handles a delivery, so from then on no
@@ -131,7 +132,8 @@ async def task_record(js: JetStreamContext, naming: Naming, task_id: str) -> Tas
 
 
 class ResultLog:
-    """Every message published under ``<result prefix>.>``, kept by a stream of its own."""
+    """Every message published under ``<result prefix>.>``, kept by the stream over those subjects
+    (NATS allows one): the sidecars' result journal, or one of its own made before any sidecar ran."""
 
     def __init__(self, js: JetStreamContext, naming: Naming) -> None:
         self.js = js
@@ -139,8 +141,11 @@ class ResultLog:
         self.stream = f"RESULTS_{naming.stream_name}"
 
     async def start(self) -> ResultLog:
-        await self.js.add_stream(name=self.stream, subjects=[f"{self.naming.result_prefix}.>"],
-                                 storage=api.StorageType.FILE)
+        subjects = f"{self.naming.result_prefix}.>"
+        try:  # a sidecar's result journal keeps them already (one stream per subjects)
+            self.stream = await self.js.find_stream_name_by_subject(subjects)
+        except NotFoundError:
+            await self.js.add_stream(name=self.stream, subjects=[subjects], storage=api.StorageType.FILE)
         return self
 
     async def messages(self) -> list[tuple[str, bytes]]:
