@@ -12,7 +12,8 @@ Delivery rules:
   that arrives while the first one runs waits for it.
 - While a task runs, progress acks (a third of the consumer's real ``ack_wait``) keep JetStream
   from redelivering it. A run whose sidecar died is retried up to ``max_attempts`` times, then
-  answered with ``redelivery_exhausted``.
+  answered with ``redelivery_exhausted``; a sidecar on the same host gives a dead one's deliveries
+  back at once instead of after ``ack_wait`` (:mod:`.rescue`).
 - Failures that are not the task's fault (engine unavailable, KV unavailable) give the task back
   with a delay (``nak``) and do not count against it.
 """
@@ -20,6 +21,7 @@ Delivery rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +51,7 @@ from .intake import Rejection, read_task
 from .journal import ResultJournal
 from .ops_server import OpsServer
 from .records import TaskRecords
+from .rescue import Rescuer, sweep_interval
 from .results import Publisher
 from .setup import Buckets, ConsumerSettings
 
@@ -101,6 +104,7 @@ class Worker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._rescue_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
         self._sub: Any = None
         self.cancels = CancelRegistry()
@@ -124,6 +128,9 @@ class Worker:
         self._cancel_sub = await self.cancels.listen(self._nc, self._naming.cancel_root)
         await self._ops.start(self._naming.ops_subject, self._naming.ops_queue)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="ocbridge-fetch")
+        rescuer = Rescuer(self._nc, self._task_leases.store, prefix=TASK_LEASE_PREFIX,
+                          interval=sweep_interval(self._consumer.ack_wait))
+        self._rescue_task = asyncio.create_task(rescuer.run_forever(), name="ocbridge-rescue")
         log.info(
             "sidecar %s consuming %s (stream %s, concurrency %d, ack_wait %.0fs)",
             self._sidecar_id, self._naming.task_subject, self._stream, self._config.concurrency,
@@ -151,6 +158,10 @@ class Worker:
         """Stop taking tasks; let running ones finish within ``grace``, hand the rest back."""
         grace = self._config.shutdown_grace if grace is None else grace
         self._stopping.set()
+        if self._rescue_task is not None:
+            self._rescue_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rescue_task
         if self._loop_task is not None:
             with logged_suppress("stopping the fetch loop", log):
                 await asyncio.wait_for(self._loop_task, 5)
@@ -261,8 +272,10 @@ class Worker:
         # progress acks) or a second publish of the same taskID waits instead of running it too.
         lost = asyncio.Event()
         try:
+            # The ack subject in the lease lets a sidecar on this host give the message back at
+            # once should this one die (see .rescue).
             holding = self._task_leases.try_hold(TASK_LEASE_PREFIX + task.task_id, owner=f"task {task.task_id}",
-                                                 on_lost=lost.set)
+                                                 on_lost=lost.set, details={"ack": msg.reply})
             async with holding as lease:
                 if lease is None:
                     log.info("task %s: another copy is being handled; this one waits", task.task_id)

@@ -36,7 +36,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from ocbridge.bridge.logs import logged_suppress
@@ -109,9 +109,11 @@ class SessionLeases:
 
     @contextlib.asynccontextmanager
     async def try_hold(
-        self, key: str, *, owner: str, on_lost: Callable[[], None] | None = None
+        self, key: str, *, owner: str, on_lost: Callable[[], None] | None = None,
+        details: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Lease | None]:
         """Like :meth:`hold`, but never waits: yields ``None`` when someone else holds ``key``.
+        ``details`` are kept in the lease's value for whoever finds it abandoned.
 
         In a store whose keys expire with the lease TTL (the sidecar's lease bucket), an existing
         key means its holder refreshed it within the TTL: it is alive, or died moments ago.
@@ -120,7 +122,7 @@ class SessionLeases:
         if _IN_USE[mark]:  # held here already (another copy of the same work)
             yield None
             return
-        value = self._value(owner)
+        value = self._value(owner, details)
         lease = await self._create(key, owner, value)
         if lease is None:
             lease = await self._take_abandoned(key, owner, value, await self.store.entry(key))
@@ -169,9 +171,9 @@ class SessionLeases:
             finally:
                 _forget((self.holder, lease.key))
 
-    def _value(self, owner: str) -> bytes:
+    def _value(self, owner: str, details: Mapping[str, str] | None = None) -> bytes:
         return json.dumps({
-            "holder": self.holder, "owner": owner, "ttl": self.ttl, "since": time.time(),
+            **(details or {}), "holder": self.holder, "owner": owner, "ttl": self.ttl, "since": time.time(),
             "token": secrets.token_hex(8), "process": process_identity(),
         }).encode()
 
@@ -299,6 +301,15 @@ def _field(value: bytes, name: str) -> object:
         return json.loads(value).get(name)
     except (ValueError, AttributeError, RecursionError):
         return None
+
+
+def abandoned(value: bytes) -> dict[str, object] | None:
+    """The contents of a lease value whose holder's process is provably gone, else ``None``."""
+    try:
+        data = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and provably_dead(data.get("process")) else None
 
 
 def _owner(value: bytes) -> str | None:

@@ -130,12 +130,14 @@ async def test_nats_restart_with_tasks_queued_and_running(tmp_path, concurrency,
 @pytest.mark.slow
 async def test_sidecar_sigkilled_mid_task_its_tasks_are_redone_once_on_the_other(nats_server, tmp_path):
     """Two sidecar processes (concurrency 2), six 3-second tasks; one sidecar is SIGKILLed while it
-    runs two. Those are redelivered after ack_wait (2 s) to the survivor, which takes over their
-    session leases once they expire (30 s) and runs them again; every task ends once."""
+    runs two. The survivor, on the same host, sees that the killed one's process is gone: it gives
+    those deliveries back at once (ack_wait is 10 minutes here, the wait below 2), takes over their
+    task and session leases and runs them again; every task ends once."""
     naming, runs = unique_naming(), RunLog(tmp_path / "runs.jsonl")
     config = {
         "nats": {"url": nats_server.url}, "naming": naming.model_dump(),
-        "workspace_root": str(tmp_path / "workspaces"), "concurrency": 2, "jetstream": JETSTREAM,
+        "workspace_root": str(tmp_path / "workspaces"), "concurrency": 2,
+        "jetstream": {**JETSTREAM, "ack_wait": 600},
         "shutdown_grace": 2, "log_level": "INFO",
     }
     sidecars = {
@@ -157,13 +159,15 @@ async def test_sidecar_sigkilled_mid_task_its_tasks_are_redone_once_on_the_other
         cut_short = {e["marker"] for e in runs.entries() if e["sidecar"] == "a"} - set(runs.ends())
         assert cut_short, "the killed sidecar was running nothing"
 
-        final = await exactly_one_result_each(results, js, naming, task_ids, timeout=120, runs=runs,
+        final = await exactly_one_result_each(results, js, naming, task_ids, timeout=100, runs=runs,
                                               rerun=cut_short, sessions=[f"s-{t}" for t in task_ids])
         assert {t: r.status for t, r in final.items()} == dict.fromkeys(task_ids, "completed")
         survivor = str(sidecars["b"].proc.pid)
+        survivor_log = sidecars["b"].log_file.read_text(errors="replace")
         for task_id in cut_short:
             record = await task_record(js, naming, task_id)
             assert record.state == "done" and record.attempt == 2 and survivor in record.sidecar, record
+            assert f"task {task_id}: its sidecar " in survivor_log and "given back for redelivery now" in survivor_log
     finally:
         await asyncio.gather(*(s.stop() for s in sidecars.values()))
         await nc.close()

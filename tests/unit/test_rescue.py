@@ -1,0 +1,56 @@
+"""A dead neighbour's deliveries: given back (``-NAK`` on their ack subject) once each, and only
+when their holder's process is provably gone and the subject is JetStream's ack subject."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ocbridge.bridge.jetstream.rescue import Rescuer, sweep_interval
+from ocbridge.bridge.storage.leases import MemoryKeyValue
+from ocbridge.bridge.storage.liveness import process_identity
+
+PREFIX = "\x1ftask:"
+
+
+class Wire:
+    """Stands in for the NATS connection: what was published."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.published.append((subject, payload))
+
+
+def gone_process() -> dict:
+    """The identity of a process that has exited (a child that ran and was reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    return {**process_identity(), "pid": int(child.stdout), "start": "0"}
+
+
+def lease(process: dict, ack: str, owner: str) -> bytes:
+    return json.dumps({"ack": ack, "owner": owner, "holder": "vm-1-abcd", "process": process}).encode()
+
+
+async def test_only_deliveries_of_a_gone_holder_with_an_ack_subject_are_given_back_once():
+    store, wire = MemoryKeyValue(), Wire()
+    dead = gone_process()
+    await store.put(PREFIX + "a", lease(dead, "$JS.ACK.TASKS.workers.1.7.7.0.0", "task a"))
+    await store.put(PREFIX + "b", lease(process_identity(), "$JS.ACK.TASKS.workers.1.8.8.0.0", "task b"))  # alive
+    await store.put(PREFIX + "c", lease(dead, "station.coding.result.c", "task c"))  # not an ack subject
+    await store.put("session-lease", lease(dead, "$JS.ACK.TASKS.workers.1.9.9.0.0", "session s"))  # not a task
+    rescuer = Rescuer(wire, store, prefix=PREFIX, interval=1.0)
+
+    assert await rescuer.sweep() == 1
+    assert wire.published == [("$JS.ACK.TASKS.workers.1.7.7.0.0", b"-NAK")]
+    assert await rescuer.sweep() == 0  # the same lease (same revision) is not given back twice
+    assert len(wire.published) == 1
+
+
+def test_the_leases_are_looked_through_well_within_ack_wait():
+    assert sweep_interval(30) == 7.5
+    assert sweep_interval(2) == 1.0  # not more often than every second
+    assert sweep_interval(3600) == 10.0  # a long ack_wait still gets a prompt rescue
