@@ -8,8 +8,9 @@ flight. The same load runs twice, each on a fresh stack (own nats-server, model,
   (a) clean;
   (b) while the harness injects, as tasks complete: at 15% a NATS restart (the same nats-server
       stopped and started on its port and store), at 40% a SIGKILL of sidecar s0's ``opencode serve``
-      (its supervisor restarts it), at 65% a SIGKILL of sidecar s1 (its tasks come back after
-      ack_wait); a replacement sidecar s2 is started at once unless ``--no-replace``.
+      (its supervisor restarts it), at 65% a SIGKILL of sidecar s1 (s0, on the same host, gives
+      its deliveries back at once, see ``bridge/jetstream/rescue.py``; elsewhere they would come
+      back after ack_wait); a replacement sidecar s2 is started at once unless ``--no-replace``.
       ``--faults nats,opencode`` (say) injects only some of them, to tell their costs apart.
 
 The client is a closed loop, like agents waiting for their coding results: ``--inflight`` tasks
@@ -329,6 +330,7 @@ class RunReport:
     file_problems: dict[int, str] = field(default_factory=dict)
     by_sidecar: Counter[str] = field(default_factory=Counter)
     logged_give_backs: int = 0
+    rescued: int = 0  # deliveries of a dead sidecar given back at once by one on the same host
     details: list[str] = field(default_factory=list)
 
     @property
@@ -634,8 +636,9 @@ def explain(report: RunReport, stack: Stack) -> list[str]:
     slow = sorted((o for o in report.outcomes if (o.latency or 0) > 10), key=lambda o: -(o.latency or 0))[:5]
     suspects = {o.task_id: o for o in (*report.lost, *report.failed, *report.duplicated(), *slow)}
     logs = {s.name: s.log_text().splitlines() for s in stack.sidecars}
-    report.logged_give_backs = sum(1 for text in logs.values() for line in text
-                                   if f"task {report.label}-" in line and " given back " in line)
+    ours = [line for text in logs.values() for line in text if f"task {report.label}-" in line]
+    report.rescued = sum(1 for line in ours if "given back for redelivery now" in line)
+    report.logged_give_backs = sum(1 for line in ours if " given back " in line) - report.rescued
     for task_id, o in suspects.items():
         record = report.records.get(task_id)
         lines.append(
@@ -686,6 +689,7 @@ def print_reports(clean: RunReport, faulted: RunReport, args: argparse.Namespace
     row("  give-backs (retries)", [str(r.give_backs()) for r in runs])
     row("  runs that died (attempt-1-retries)", [str(r.died_runs()) for r in runs])
     row("give-backs in the sidecar logs", [str(r.logged_give_backs) for r in runs])
+    row("dead sidecar's tasks given back", [str(r.rescued) for r in runs], "(at once, by a sidecar on its host)")
     row("prompt starts seen by the model", [str(sum(r.starts.values())) for r in runs])
     row("result not seen on its subject", [str(len(r.unseen())) for r in runs])
     row("submits retried", [str(sum(o.submit_retries for o in r.outcomes)) for r in runs])

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 #: Header of every result message: ``<taskID> <stream seq> <attempt>`` of what it answers.
 RESULT_HEADER = "Ocbridge-Result-Of"
 
-#: Results are kept as long as task records are, within a bound on disk (the oldest go first).
-JOURNAL_MAX_BYTES = 1024 * 2**20
-
 #: A lookup slower than this counts as "cannot tell" (the result is then published again).
 LOOKUP_TIMEOUT = 5.0
 
@@ -51,8 +48,8 @@ async def ensure_result_journal(
     with contextlib.suppress(BadRequestError):  # exists already (or another stream has the subjects)
         await js.add_stream(api.StreamConfig(
             name=naming.results_stream, subjects=[subjects], storage=api.StorageType.FILE,
-            max_age=max_age, max_bytes=JOURNAL_MAX_BYTES,
-            discard=api.DiscardPolicy.OLD, num_replicas=replicas,
+            # Kept as long as task records are. No max_bytes: JetStream would reserve it up front.
+            max_age=max_age, num_replicas=replicas,
         ))
     name: str | None = None
     with contextlib.suppress(NotFoundError):
