@@ -69,6 +69,11 @@ class PromptRequest:
     agent: str | None = None
     #: Extra tools for this run (``None``: the agent's own tools only).
     tools: ToolServer | None = None
+    #: The task message this run answers, the same for all its redeliveries (``"<taskID> <stream
+    #: seq>"``; ``None`` outside JetStream), and which delivery this is. An engine that keeps the
+    #: session's history may carry an earlier attempt's interrupted run on instead of starting over.
+    delivery: str | None = None
+    attempt: int = 1
 
 
 @dataclass(slots=True)

@@ -345,7 +345,8 @@ class Worker:
                 result = error_result(task_id, "task cancelled before it started", ErrorType.CANCELLED)
                 result.status = TaskStatus.CANCELLED
             else:
-                result = await self._pipeline.run(task, cancel, attempt=attempt)
+                result = await self._pipeline.run(task, cancel, attempt=attempt,
+                                                  delivery=f"{task_id} {state.stream_seq}")
         except RetryTask as exc:
             await self._answers.give_back(msg, task_id, str(exc), delay=exc.retry_after, state=state)
             return

@@ -34,6 +34,10 @@ class Progress:
     repo: RepoState | None = None
     session_id: str | None = None
     message_count: int | None = None
+    #: Which delivery of the task this is, and the task message all its deliveries share (see
+    #: :class:`~ocbridge.bridge.engines.base.PromptRequest`).
+    attempt: int = 1
+    delivery: str | None = None
     outcome: RunOutcome = field(default_factory=RunOutcome)
     changes: ChangeSet | None = None
     patch: str | None = None

@@ -84,8 +84,12 @@ class TaskPipeline:
         self._redactor = redactor
         self._metrics = metrics
 
-    async def run(self, task: Task, cancel: asyncio.Event, *, attempt: int = 1) -> TaskResult:
+    async def run(
+        self, task: Task, cancel: asyncio.Event, *, attempt: int = 1, delivery: str | None = None
+    ) -> TaskResult:
         """Run ``task`` to its single result; its events carry ``attempt`` (the delivery).
+        ``delivery`` names the task message, the same for all its deliveries: a later attempt may
+        carry on an earlier one's interrupted agent run (the OpenCode engine does).
 
         ``cancel`` being set stops it with ``cancelled``, its deadline with ``timeout``, in any
         phase. Raises :class:`RetryTask`, with no result, when the failure is not the task's fault
@@ -99,11 +103,11 @@ class TaskPipeline:
                        attempt=attempt),
             tracing.task_span(task.task_id, engine=self._config.engine),
         ):
-            result = await self._run_task(task, cancel, attempt)
+            result = await self._run_task(task, cancel, attempt, delivery)
             tracing.describe_task(task, result, attempt=attempt, model=tracing.configured_model(self._config))
             return result
 
-    async def _run_task(self, task: Task, cancel: asyncio.Event, attempt: int) -> TaskResult:
+    async def _run_task(self, task: Task, cancel: asyncio.Event, attempt: int, delivery: str | None) -> TaskResult:
         started = time.monotonic()
         emitter = EventEmitter(
             self._publish,
@@ -114,7 +118,7 @@ class TaskPipeline:
             attempt=attempt,
             headers=tracing.trace_headers(),
         )
-        progress = Progress()
+        progress = Progress(attempt=attempt, delivery=delivery)
         status, error = TaskStatus.COMPLETED, None
         error_type: ErrorType | str | None = None
         retry: RetryTask | None = None
@@ -256,7 +260,7 @@ class TaskPipeline:
             await emitter.emit(EventType.PROMPT_SENT, content=task.prompt)
             request = PromptRequest(
                 directory=workspace.path, session_id=state.opencode_id, prompt=task.prompt,
-                model=task.model, agent=task.agent,
+                model=task.model, agent=task.agent, delivery=progress.delivery, attempt=progress.attempt,
             )
             # The agent's Station tools (MCP), with a token that dies with the run.
             grant = self._agent_tools.for_task(task, workspace.path, self._engine) if self._agent_tools else None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from ocbridge.bridge.jetstream.natsd import EmbeddedNats
 from ocbridge.bridge.sidecar import Sidecar
@@ -43,7 +44,7 @@ from support.faults import (
     task_record,
     wait_until,
 )
-from support.stack import require_tools, sidecar_config, unique_naming
+from support.stack import SidecarProcess, require_tools, sidecar_config, unique_naming
 
 #: Small ack_wait (a dead sidecar's task is redelivered fast, progress acks must keep running ones),
 #: short give-back delay.
@@ -171,6 +172,58 @@ async def test_sidecar_sigkilled_mid_task_its_tasks_are_redone_once_on_the_other
     finally:
         await asyncio.gather(*(s.stop() for s in sidecars.values()))
         await nc.close()
+
+
+@pytest.mark.slow
+@pytest.mark.opencode
+async def test_sidecar_sigkilled_and_restarted_carries_its_run_on(nats_server, tmp_path):
+    """``ocbridge serve`` with the real OpenCode and the offline model is SIGKILLed while its agent
+    streams the final answer, after writing the file it was asked for (its OpenCode dies with it).
+    Restarted on the same data and workspace directories, as a container restarts, the sidecar sees
+    that the task's holder is gone, takes the delivery back at once (ack_wait is 10 minutes) and
+    carries the run on from OpenCode's history: the file is not written again, the session holds
+    one exchange, the task has one result."""
+    require_tools()
+    naming = unique_naming()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "nats": {"url": nats_server.url}, "naming": naming.model_dump(),
+        "workspace_root": str(tmp_path / "workspaces"), "data_dir": str(tmp_path / "data"),
+        "offline_model": True, "concurrency": 1, "jetstream": {**JETSTREAM, "ack_wait": 600},
+        "shutdown_grace": 5, "log_level": "INFO",
+    }))
+    first, second = SidecarProcess(config, tmp_path / "first.log"), SidecarProcess(config, tmp_path / "second.log")
+    await first.start()
+    client = await CodingClient.connect(nats_server.url, naming=naming)
+    try:
+        js = client.nc.jetstream()
+        results = await ResultLog(js, naming).start()
+        written = tmp_path / "workspaces" / "ws-carry" / "carried.txt"
+        handle = await client.submit("create carried.txt with content x\nslow 4", workspace="ws-carry",
+                                     session="s-carry")
+        tool_calls: list[tuple[int | None, str]] = []  # (attempt, tool) of every tool the agent ran
+        async for event in handle.events(timeout=120):
+            if event.type == "tool_start" and event.tool is not None:
+                tool_calls.append((event.attempt, event.tool.name))
+            if event.type == "text" and written.exists() and first.proc.returncode is None:
+                # The write is done and the final answer streams: kill, restart.
+                await first.kill()
+                await second.start()
+
+        result = await handle.result(timeout=10)
+        assert result.status == "completed", (result.error_type, result.error)
+        await exactly_one_result_each(results, js, naming, [handle.task_id], sessions=["s-carry"])
+        assert tool_calls == [(1, "write")], "the restarted sidecar's agent wrote the file again"
+        assert written.read_text() == "x"
+        assert result.session.message_count == 1, result.session
+        record = await client.task_record(handle.task_id)
+        assert record.state == "done" and record.attempt == 2, record
+        log = second.log_file.read_text(errors="replace")
+        assert "given back for redelivery now" in log
+        assert "carries on the run an earlier attempt started" in log
+    finally:
+        await client.close()
+        await asyncio.gather(first.stop(), second.stop())
 
 
 # ------------------------------------------------------------------------------- KV unreachable

@@ -22,11 +22,16 @@ import pytest
 
 from ocbridge.bridge.engines.base import AgentEvent, EngineError, EngineUnavailable, PromptRequest
 from ocbridge.bridge.engines.opencode import OpenCodeEngine, OpenCodeSettings
-from ocbridge.bridge.engines.opencode.api import OpenCodeAPI, new_message_id
+from ocbridge.bridge.engines.opencode.api import OpenCodeAPI, delivery_part_id, new_message_id
 from ocbridge.bridge.engines.opencode.directories import dir_key
 from ocbridge.bridge.engines.opencode.events import SSEParser, parse_global
 from ocbridge.bridge.engines.opencode.server import check_version
-from ocbridge.bridge.engines.opencode.translate import RunTranslator, outcome_from_messages, run_finished
+from ocbridge.bridge.engines.opencode.translate import (
+    RunTranslator,
+    outcome_from_messages,
+    run_finished,
+    user_message_with_part,
+)
 from ocbridge.client.protocol import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,6 +208,22 @@ def test_settings_versions_and_message_ids(caplog: pytest.LogCaptureFixture) -> 
     ids = [new_message_id() for _ in range(50)]
     assert ids == sorted(ids) and len(set(ids)) == 50
     assert all(i.startswith("msg_") and len(i) == 30 for i in ids)
+
+
+def test_a_task_message_finds_its_prompt_in_the_history_on_a_later_attempt():
+    """The prompt's text part id is the same for every delivery of one task message in one
+    session, and differs for another message or session; the history lookup finds the user
+    message holding it (never an assistant's)."""
+    part = delivery_part_id("t-1 7", "ses_a")
+    assert part == delivery_part_id("t-1 7", "ses_a") and part.startswith("prt_") and len(part) == 30
+    assert len({part, delivery_part_id("t-1 8", "ses_a"), delivery_part_id("t-1 7", "ses_b")}) == 3
+    history = [
+        {"info": {"id": "msg_1", "role": "user"}, "parts": [{"id": "prt_other"}]},
+        {"info": {"id": "msg_2", "role": "user"}, "parts": [{"id": part}]},
+        {"info": {"id": "msg_3", "role": "assistant"}, "parts": [{"id": part}]},
+    ]
+    assert user_message_with_part(history, part) == "msg_2"
+    assert user_message_with_part(history[:1], part) is None
 
 
 # ------------------------------------------------------------------------------- real OpenCode

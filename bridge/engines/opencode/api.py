@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -47,6 +48,20 @@ def new_part_id() -> str:
     prompt sent again with the same message and part ids updates that part instead of adding the
     text a second time (OpenCode stores parts by id)."""
     return _ascending_id("prt_")
+
+
+def delivery_part_id(delivery: str, session_id: str) -> str:
+    """The text part id of the prompt of task message ``delivery`` in session ``session_id``: the
+    same for every attempt, so a later attempt finds its prompt in the history if an earlier one
+    got it there (the session id in it keeps the id unique in OpenCode's store, which keys parts
+    by id alone; OpenCode only checks the ``prt`` prefix)."""
+    digest = hashlib.sha256(f"{delivery}\0{session_id}".encode()).digest()
+    number = int.from_bytes(digest[6:], "big")
+    tail = ""
+    for _ in range(14):
+        number, digit = divmod(number, 62)
+        tail += _BASE62[digit]
+    return "prt_" + digest[:6].hex() + tail
 
 
 def _ascending_id(prefix: str) -> str:

@@ -35,13 +35,13 @@ from ocbridge.bridge.engines.base import (
 )
 from ocbridge.bridge.engines.names import check_opencode_session
 
-from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, new_message_id, new_part_id
+from .api import RETRY_SERVER, OpenCodeAPI, ServerUnreachable, delivery_part_id, new_message_id, new_part_id
 from .directories import DirectoryTracker, dir_key
 from .events import SERVER_LOST, Event, EventHub, Subscription
 from .follow import RunFollower, ServerLost
 from .server import OpenCodeProcess, check_version
 from .settings import OpenCodeSettings, mcp_remote_config
-from .translate import RunTranslator
+from .translate import RunTranslator, user_message_with_part
 
 __all__ = ["OpenCodeEngine"]
 
@@ -267,8 +267,17 @@ class OpenCodeEngine(Engine):
     async def _run(self, request: PromptRequest, key: str, sid: str, on_event: EventSink) -> RunOutcome:
         # Our own ids: the run knows its user message, and a prompt sent again after a restart
         # updates that message and its text instead of giving the agent the prompt twice.
-        message_id, part_id = new_message_id(), new_part_id()
+        message_id, part_id, carried_on = await self._prompt_ids(key, sid, request)
         translator = RunTranslator(sid, message_id)
+        if carried_on:
+            # An earlier attempt got this prompt into the session and did not finish (its sidecar
+            # died, or it was given back); OpenCode kept the history. Sent again, the prompt
+            # carries on from there (as after a restart, below): what the agent did then is not
+            # done again. The stream sees only the rest: the outcome comes from the history.
+            log.info("OpenCode session %s: attempt %d carries on the run an earlier attempt started",
+                     sid, request.attempt)
+            translator.lossy = True
+            self._exchanges.pop(sid, None)
         model = None
         if request.model is not None:
             model = {"providerID": request.model.provider_id, "modelID": request.model.model_id}
@@ -318,6 +327,18 @@ class OpenCodeEngine(Engine):
             for sub in subs:
                 if self.events is not None:
                     self.events.unsubscribe(sub)
+
+    async def _prompt_ids(self, key: str, sid: str, request: PromptRequest) -> tuple[str, str, bool]:
+        """The ids of the run's user message and text part, and whether they are an earlier
+        attempt's (found in the session's history: a later attempt of the same task message)."""
+        if request.delivery is None:
+            return new_message_id(), new_part_id(), False
+        part_id = delivery_part_id(request.delivery, sid)
+        if request.attempt > 1:
+            earlier = user_message_with_part(await self._retrying(lambda api: api.messages(key, sid)), part_id)
+            if earlier is not None:
+                return earlier, part_id, True
+        return new_message_id(), part_id, False
 
     async def _ensure_tools(self, api: OpenCodeAPI, key: str, tools: ToolServer) -> None:
         """Register the run's MCP server on the directory's instance (``POST /mcp``), unless the

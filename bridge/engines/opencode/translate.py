@@ -284,6 +284,15 @@ def run_finished(messages: list[JSON], user_message_id: str | None) -> bool:
     return bool((last.get("time") or {}).get("completed") or last.get("error"))
 
 
+def user_message_with_part(messages: list[JSON], part_id: str) -> str | None:
+    """The id of the user message in ``messages`` (a session history) that holds part ``part_id``."""
+    for message in messages:
+        info = _info(message)
+        if info.get("role") == "user" and any(p.get("id") == part_id for p in message.get("parts") or ()):
+            return str(info.get("id"))
+    return None
+
+
 def _info(message: JSON) -> JSON:
     info = message.get("info")
     return info if isinstance(info, dict) else {}
