@@ -23,6 +23,7 @@ from ocbridge.bridge.redact import Redactor
 from ocbridge.bridge.storage.leases import DEFAULT_TTL, SessionLeases
 from ocbridge.bridge.storage.sessions import SessionStore
 from ocbridge.bridge.storage.stores import ArtifactStore, KeyValueStore
+from ocbridge.bridge.workspace.baselines import BaselineStore
 from ocbridge.bridge.workspace.git.mirror import forget_mirrors
 from ocbridge.bridge.workspace.janitor import WorkspaceJanitor
 from ocbridge.bridge.workspace.prepare import WorkspaceFlow
@@ -61,7 +62,9 @@ def build_runtime(
     agent its Station tools."""
     root = config.workspace_root.resolve()
     session_store = SessionStore(sessions, redactor, SessionLeases(leases, ttl=lease_ttl, holder=holder))
-    flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor)
+    baselines = BaselineStore(config.data_dir.resolve() / "baselines", max_age=config.jetstream.task_record_ttl)
+    flow = WorkspaceFlow(root=root, git=config.git, state=state, artifacts=artifacts, redactor=redactor,
+                         baselines=baselines)
     agent = config.git.agent
     janitor = WorkspaceJanitor(state, root, config.cleanup_policy,
                                on_delete=functools.partial(forget_mirrors, agent) if agent else None)

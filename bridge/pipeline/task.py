@@ -167,6 +167,8 @@ class TaskPipeline:
                 await emitter.emit(EventType.ERROR, content=self._redactor.text(error))
             await emitter.aclose()
         result = progress.result(task, status, error, error_type, emitter, started)
+        if delivery is not None:
+            self._flow.forget_baseline(delivery)
         if progress.workspace is not None:
             with logged_suppress(f"task {task.task_id}: workspace clean-up", log):
                 await self._janitor.after_task(progress.workspace.path, status == TaskStatus.COMPLETED)
@@ -251,7 +253,8 @@ class TaskPipeline:
                     progress.repo = await self._flow.clone_or_pull(workspace, spec.git, emitter.emit)
                 if task.files:
                     await self._flow.place_inputs(task.task_id, workspace, task.files)
-                baseline = await self._flow.baseline(workspace)
+                baseline = await self._flow.baseline(workspace, delivery=progress.delivery,
+                                                     attempt=progress.attempt)
 
             state = await self._open_session(task, workspace, emitter, progress)
             if stop.event.is_set():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -38,6 +39,13 @@ from ocbridge.bridge.workspace.paths import (
 )
 from ocbridge.client.protocol import ErrorType, EventGit, GitSpec, OcbridgeError
 
+from .baselines import BaselineStore
+
+log = logging.getLogger(__name__)
+
+#: A kept snapshot baseline holding at most this much content is written on the event loop.
+INLINE_KEEP_BYTES = 64 * 1024
+
 #: ``emit(event_type, git=EventGit, content=...)``: how git progress reaches the task's events.
 GitEmit = Callable[..., Awaitable[None]]
 
@@ -59,9 +67,11 @@ class WorkspaceFlow:
         state: KeyValueStore,
         artifacts: ArtifactStore,
         redactor: Redactor,
+        baselines: BaselineStore | None = None,
     ) -> None:
         self.root = root
         self.git = git
+        self._baselines = baselines
         self._state = state
         self._artifacts = artifacts
         self._redactor = redactor
@@ -195,11 +205,31 @@ class WorkspaceFlow:
                                        ErrorType.WORKSPACE_ERROR) from None
         return placed
 
-    async def baseline(self, workspace: Workspace) -> Baseline:
+    async def baseline(self, workspace: Workspace, *, delivery: str | None = None, attempt: int = 1) -> Baseline:
+        """The workspace before the prompt. With ``delivery`` (the task message) the baseline is
+        kept until :meth:`forget_baseline`, and a later attempt on this box starts from the one the
+        first attempt took (see :mod:`.baselines`)."""
+        if delivery is not None and attempt > 1 and self._baselines is not None:
+            kept = self._baselines.get(delivery, workspace.path)
+            if kept is not None:
+                log.info("task %s: changes are counted from the first attempt's baseline", delivery.split()[0])
+                return kept
         try:
-            return await begin(workspace.path, settings=self.git, redactor=self._redactor)
+            baseline = await begin(workspace.path, settings=self.git, redactor=self._redactor)
         except GitError as exc:
             raise WorkspaceFailure(str(exc), exc.error_type) from None
+        if delivery is not None and self._baselines is not None:
+            small = baseline.snapshot is None or baseline.snapshot.size <= INLINE_KEEP_BYTES
+            if small:  # a file write of a few KiB: cheaper than a thread hand-off
+                self._baselines.put(delivery, baseline)
+            else:
+                await asyncio.to_thread(self._baselines.put, delivery, baseline)
+        return baseline
+
+    def forget_baseline(self, delivery: str) -> None:
+        """The task message has its result: its kept baseline is not needed any more."""
+        if self._baselines is not None:
+            self._baselines.discard(delivery)
 
     async def changes(self, workspace: Workspace, baseline: Baseline) -> ChangeSet:
         try:

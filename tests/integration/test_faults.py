@@ -182,7 +182,7 @@ async def test_sidecar_sigkilled_and_restarted_carries_its_run_on(nats_server, t
     Restarted on the same data and workspace directories, as a container restarts, the sidecar sees
     that the task's holder is gone, takes the delivery back at once (ack_wait is 10 minutes) and
     carries the run on from OpenCode's history: the file is not written again, the session holds
-    one exchange, the task has one result."""
+    one exchange, the result lists the file among the changes, the task has one result."""
     require_tools()
     naming = unique_naming()
     config = tmp_path / "sidecar.yaml"
@@ -216,6 +216,8 @@ async def test_sidecar_sigkilled_and_restarted_carries_its_run_on(nats_server, t
         assert tool_calls == [(1, "write")], "the restarted sidecar's agent wrote the file again"
         assert written.read_text() == "x"
         assert result.session.message_count == 1, result.session
+        # Changes count from the first attempt's start: the file it wrote is one of them.
+        assert [(c.path, c.status) for c in result.changes or []] == [("carried.txt", "added")], result.changes
         record = await client.task_record(handle.task_id)
         assert record.state == "done" and record.attempt == 2, record
         log = second.log_file.read_text(errors="replace")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,9 @@ from ocbridge.bridge.engines.opencode.events import SSEParser, parse_global
 from ocbridge.bridge.engines.opencode.server import check_version
 from ocbridge.bridge.engines.opencode.translate import (
     RunTranslator,
+    earlier_prompt,
     outcome_from_messages,
     run_finished,
-    user_message_with_part,
 )
 from ocbridge.client.protocol import ModelRef
 
@@ -221,9 +222,13 @@ def test_a_task_message_finds_its_prompt_in_the_history_on_a_later_attempt():
         {"info": {"id": "msg_1", "role": "user"}, "parts": [{"id": "prt_other"}]},
         {"info": {"id": "msg_2", "role": "user"}, "parts": [{"id": part}]},
         {"info": {"id": "msg_3", "role": "assistant"}, "parts": [{"id": part}]},
+        {"info": {"id": "msg_4", "role": "user"}, "parts": [{"id": "prt_later"}]},
+        {"info": {"id": "msg_5", "role": "assistant", "error": {"name": "MessageAbortedError"}}, "parts": []},
     ]
-    assert user_message_with_part(history, part) == "msg_2"
-    assert user_message_with_part(history[:1], part) is None
+    assert earlier_prompt(history, part) == ("msg_2", True)  # cut off or finished: carried on
+    assert earlier_prompt(history[:1], part) is None
+    history[2]["info"]["error"] = {"name": "MessageAbortedError"}
+    assert earlier_prompt(history, part) == ("msg_2", False)  # aborted: OpenCode would not go on
 
 
 # ------------------------------------------------------------------------------- real OpenCode
@@ -237,6 +242,7 @@ class Recorder:
         self.times: list[float] = []
         self.first = asyncio.Event()
         self.tool_started = asyncio.Event()
+        self.text_after_tool = asyncio.Event()
 
     async def __call__(self, event: AgentEvent) -> None:
         self.events.append(event)
@@ -244,6 +250,8 @@ class Recorder:
         self.first.set()
         if event.kind == "tool_start":
             self.tool_started.set()
+        if event.kind == "text" and self.tool_started.is_set():
+            self.text_after_tool.set()
 
     def kinds(self) -> list[str]:
         return [e.kind for e in self.events]
@@ -526,6 +534,43 @@ async def test_cancelled_run_is_aborted(engine: OpenCodeEngine, workspace: Path)
             break
         await asyncio.sleep(0.05)
     assert idle, "the cancelled run kept going in OpenCode"
+    await engine.release(workspace)
+
+
+@pytest.mark.opencode
+async def test_a_later_attempt_of_a_task_message_carries_the_run_on(engine: OpenCodeEngine, workspace: Path) -> None:
+    """A run that finished, sent again as a later attempt of the same task message (its sidecar
+    died before the result went out), ends at once with the same outcome: no second write, one
+    exchange. A run that was aborted (a give-back stops it) is not carried on: OpenCode would not
+    answer it again, so its next attempt prompts afresh and completes. (A run cut off by a dead
+    sidecar is carried on: ``test_faults.py``.)"""
+    handle = await engine.open_session(workspace, "carry", None)
+    first = PromptRequest(workspace, handle.id, "create carried.txt with content x", delivery="t-9 4")
+    done = await asyncio.wait_for(engine.run(first, Recorder()), 30)
+    assert (done.message_count, done.tool_calls, done.error) == (1, 1, None)
+
+    again = Recorder()
+    replay = await asyncio.wait_for(engine.run(dataclasses.replace(first, attempt=2), again), 30)
+    assert "tool_start" not in again.kinds(), "the write was made again"
+    assert (replay.message_count, replay.tool_calls, replay.text, replay.aborted) == (1, 1, done.text, False)
+
+    slow = PromptRequest(workspace, handle.id, "slow 3", delivery="t-10 5")
+    rec = Recorder()
+    cut = asyncio.create_task(engine.run(slow, rec))
+    await asyncio.wait_for(rec.first.wait(), 15)
+    cut.cancel()  # given back: the run is aborted
+    with pytest.raises(asyncio.CancelledError):
+        await cut
+    assert engine.api is not None
+    part = delivery_part_id(slow.delivery, handle.id)
+    for _ in range(100):  # the abort is sent in the background; a redelivery comes later
+        found = earlier_prompt(await engine.api.messages(str(workspace), handle.id), part)
+        if found is not None and not found[1]:
+            break
+        await asyncio.sleep(0.05)
+    assert found is not None and not found[1], "the run was not aborted"
+    fresh = await asyncio.wait_for(engine.run(dataclasses.replace(slow, attempt=2), Recorder()), 30)
+    assert (fresh.message_count, fresh.aborted, fresh.error) == (3, False, None), fresh
     await engine.release(workspace)
 
 

@@ -41,7 +41,7 @@ from .events import SERVER_LOST, Event, EventHub, Subscription
 from .follow import RunFollower, ServerLost
 from .server import OpenCodeProcess, check_version
 from .settings import OpenCodeSettings, mcp_remote_config
-from .translate import RunTranslator, user_message_with_part
+from .translate import RunTranslator, earlier_prompt
 
 __all__ = ["OpenCodeEngine"]
 
@@ -270,10 +270,10 @@ class OpenCodeEngine(Engine):
         message_id, part_id, carried_on = await self._prompt_ids(key, sid, request)
         translator = RunTranslator(sid, message_id)
         if carried_on:
-            # An earlier attempt got this prompt into the session and did not finish (its sidecar
-            # died, or it was given back); OpenCode kept the history. Sent again, the prompt
-            # carries on from there (as after a restart, below): what the agent did then is not
-            # done again. The stream sees only the rest: the outcome comes from the history.
+            # An earlier attempt got this prompt into the session and was cut off (its sidecar
+            # died); OpenCode kept the history. Sent again, the prompt carries on from there (as
+            # after a restart, below): what the agent did then is not done again. The stream sees
+            # only the rest: the outcome comes from the history.
             log.info("OpenCode session %s: attempt %d carries on the run an earlier attempt started",
                      sid, request.attempt)
             translator.lossy = True
@@ -335,9 +335,14 @@ class OpenCodeEngine(Engine):
             return new_message_id(), new_part_id(), False
         part_id = delivery_part_id(request.delivery, sid)
         if request.attempt > 1:
-            earlier = user_message_with_part(await self._retrying(lambda api: api.messages(key, sid)), part_id)
+            earlier = earlier_prompt(await self._retrying(lambda api: api.messages(key, sid)), part_id)
             if earlier is not None:
-                return earlier, part_id, True
+                message_id, resumable = earlier
+                if resumable:
+                    return message_id, part_id, True
+                # Aborted or failed (a give-back stops the run): prompt afresh, under a new part
+                # id (OpenCode keys parts by id: the old one is that message's).
+                return new_message_id(), new_part_id(), False
         return new_message_id(), part_id, False
 
     async def _ensure_tools(self, api: OpenCodeAPI, key: str, tools: ToolServer) -> None:

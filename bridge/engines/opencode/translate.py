@@ -284,12 +284,21 @@ def run_finished(messages: list[JSON], user_message_id: str | None) -> bool:
     return bool((last.get("time") or {}).get("completed") or last.get("error"))
 
 
-def user_message_with_part(messages: list[JSON], part_id: str) -> str | None:
-    """The id of the user message in ``messages`` (a session history) that holds part ``part_id``."""
-    for message in messages:
+def earlier_prompt(messages: list[JSON], part_id: str) -> tuple[str, bool] | None:
+    """The user message in ``messages`` (a session history) that holds part ``part_id``, and
+    whether its run can be carried on: not when it ended in an abort or an error (OpenCode does
+    not answer such an exchange again)."""
+    for index, message in enumerate(messages):
         info = _info(message)
-        if info.get("role") == "user" and any(p.get("id") == part_id for p in message.get("parts") or ()):
-            return str(info.get("id"))
+        if info.get("role") != "user" or not any(p.get("id") == part_id for p in message.get("parts") or ()):
+            continue
+        failed = False
+        for later in messages[index + 1:]:
+            later_info = _info(later)
+            if later_info.get("role") == "user":
+                break
+            failed = failed or isinstance(later_info.get("error"), dict)
+        return str(info.get("id")), not failed
     return None
 
 
