@@ -12,8 +12,9 @@ there: that box's workspace never saw the earlier attempt.
 The files are JSON written by the sidecar itself (never a pickle); a file that cannot be read
 is logged and ignored (the attempt takes a fresh baseline). A snapshot holding more than
 ``KEEP_LIMIT`` of file content (a large non-git workspace) is not kept: its later attempt takes a
-fresh baseline. Files older than ``max_age`` (the task records' TTL: no later attempt can come)
-are removed when the first baseline is kept.
+fresh baseline. Files older than ``max_age`` (the task records' TTL: no later attempt can come;
+left by a task whose later attempt ran on another box) are removed when a baseline is kept, at
+most once every ``PRUNE_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 #: Most compressed file content a kept snapshot may hold (git baselines are two ids).
 KEEP_LIMIT = 4 * 2**20
 
+#: Seconds between two looks for files past ``max_age``.
+PRUNE_INTERVAL = 3600.0
+
 
 class BaselineStore:
     """Baselines of the runs in progress, by task message (``"<taskID> <stream seq>"``)."""
@@ -45,18 +49,18 @@ class BaselineStore:
     def __init__(self, folder: Path, *, max_age: float) -> None:
         self.folder = folder
         self.max_age = max_age
-        self._pruned = False
+        self._pruned_at: float | None = None
 
     def put(self, delivery: str, baseline: Baseline) -> None:
         """Keep ``baseline`` for ``delivery`` (atomically: a crash leaves the old file or the new
         one). Blocking file I/O: small for git, up to ``KEEP_LIMIT`` for a snapshot."""
         if baseline.snapshot is not None and baseline.snapshot.size > KEEP_LIMIT:
             return
-        self._prune_once()
         path = self._path(delivery)
         tmp = path.with_suffix(".tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._prune_now_and_then()
             tmp.write_text(json.dumps(_encode(baseline)))
             os.replace(tmp, path)
         except OSError as exc:  # a full disk costs a later attempt its earlier changes, not the run
@@ -77,22 +81,26 @@ class BaselineStore:
 
     def discard(self, delivery: str) -> None:
         """The task has its result: no later attempt needs the baseline."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self._path(delivery).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pruned after max_age anyway
+            log.warning("removing the kept baseline of %s failed: %s", delivery.split()[0], exc)
 
     def _path(self, delivery: str) -> Path:
         return self.folder / (hashlib.sha256(delivery.encode()).hexdigest()[:32] + ".json")
 
-    def _prune_once(self) -> None:
-        if self._pruned:
+    def _prune_now_and_then(self) -> None:
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL:
             return
-        self._pruned = True
+        self._pruned_at = now
         cutoff = time.time() - self.max_age
-        with contextlib.suppress(FileNotFoundError):
-            for path in self.folder.iterdir():
-                with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
+        for path in self.folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
 
 def _encode(baseline: Baseline) -> dict[str, Any]:
