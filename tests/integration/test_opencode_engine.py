@@ -225,10 +225,11 @@ def test_a_task_message_finds_its_prompt_in_the_history_on_a_later_attempt():
         {"info": {"id": "msg_4", "role": "user"}, "parts": [{"id": "prt_later"}]},
         {"info": {"id": "msg_5", "role": "assistant", "error": {"name": "MessageAbortedError"}}, "parts": []},
     ]
-    assert earlier_prompt(history, part) == ("msg_2", True)  # cut off or finished: carried on
+    assert earlier_prompt(history[:3], part) == ("msg_2", True)  # cut off or finished: carried on
     assert earlier_prompt(history[:1], part) is None
+    assert earlier_prompt(history, part) == ("msg_2", False)  # another prompt came after it
     history[2]["info"]["error"] = {"name": "MessageAbortedError"}
-    assert earlier_prompt(history, part) == ("msg_2", False)  # aborted: OpenCode would not go on
+    assert earlier_prompt(history[:3], part) == ("msg_2", False)  # aborted: OpenCode would not go on
 
 
 # ------------------------------------------------------------------------------- real OpenCode

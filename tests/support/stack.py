@@ -34,6 +34,10 @@ def unique_naming() -> Naming:
         dead_letter_stream=f"DEAD_{tag}",
         results_stream=f"RESULTS_{tag}",
         consumer_name=f"workers-{tag}",
+        # Own leases and heartbeats too: a sidecar of another test that outlived it must not see
+        # (and rescue) this test's task leases, nor show in its fleet.
+        leases_bucket=f"leases-{tag}",
+        sidecars_bucket=f"sidecars-{tag}",
     )
 
 

@@ -340,8 +340,8 @@ class OpenCodeEngine(Engine):
                 message_id, resumable = earlier
                 if resumable:
                     return message_id, part_id, True
-                # Aborted or failed (a give-back stops the run): prompt afresh, under a new part
-                # id (OpenCode keys parts by id: the old one is that message's).
+                # Aborted or failed (a give-back stops the run), or another prompt came after it:
+                # prompt afresh, under a new part id (OpenCode keys parts by id).
                 return new_message_id(), new_part_id(), False
         return new_message_id(), part_id, False
 

@@ -286,19 +286,16 @@ def run_finished(messages: list[JSON], user_message_id: str | None) -> bool:
 
 def earlier_prompt(messages: list[JSON], part_id: str) -> tuple[str, bool] | None:
     """The user message in ``messages`` (a session history) that holds part ``part_id``, and
-    whether its run can be carried on: not when it ended in an abort or an error (OpenCode does
-    not answer such an exchange again)."""
+    whether its run can be carried on: only when it is the last exchange (a later prompt moved the
+    session on) and did not end in an abort or an error (OpenCode does not answer such an exchange
+    again)."""
     for index, message in enumerate(messages):
         info = _info(message)
         if info.get("role") != "user" or not any(p.get("id") == part_id for p in message.get("parts") or ()):
             continue
-        failed = False
-        for later in messages[index + 1:]:
-            later_info = _info(later)
-            if later_info.get("role") == "user":
-                break
-            failed = failed or isinstance(later_info.get("error"), dict)
-        return str(info.get("id")), not failed
+        later = [_info(m) for m in messages[index + 1:]]
+        resumable = not any(i.get("role") == "user" or isinstance(i.get("error"), dict) for i in later)
+        return str(info.get("id")), resumable
     return None
 
 
