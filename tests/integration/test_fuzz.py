@@ -95,11 +95,14 @@ LITERAL_TARGETS = [Path("/tmp/x"), Path.home() / "x", Path("/x")]
 
 
 def outside_the_root(base: Path, root: Path, basetemp: Path) -> dict[str, Any]:
-    """What a task must never change: the module's folder but the root and the NATS store (the
-    sidecar's data dir included: a scripted sidecar makes none), the entries of pytest's temporary
-    root, and the absolute places the name pool spells out."""
+    """What a task must never change: the module's folder but the root, the NATS store and the
+    sidecar's data dir, in which only the folder of kept baselines may appear (empty once every
+    task has its result: a scripted sidecar makes nothing else there), the entries of pytest's
+    temporary root, and the absolute places the name pool spells out."""
+    data = base / "data"
     return {
-        "module": tree(base, (root, base / "nats")),
+        "module": tree(base, (root, base / "nats", data)),
+        "data": sorted(str(p.relative_to(data)) for p in data.rglob("*") if p != data / "baselines"),
         "basetemp": sorted(p.name for p in basetemp.iterdir()),
         "literal": {str(p): p.exists() for p in LITERAL_TARGETS},
     }
