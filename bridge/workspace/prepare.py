@@ -27,6 +27,7 @@ from ocbridge.bridge.workspace.git import (
     parse_remote_url,
     prepare,
     resolve_token,
+    still_comparable,
 )
 from ocbridge.bridge.workspace.paths import (
     Workspace,
@@ -211,7 +212,8 @@ class WorkspaceFlow:
         first attempt took (see :mod:`.baselines`)."""
         if delivery is not None and attempt > 1 and self._baselines is not None:
             kept = self._baselines.get(delivery, workspace.path)
-            if kept is not None:
+            if kept is not None and await still_comparable(workspace.path, kept, settings=self.git,
+                                                           redactor=self._redactor):
                 log.info("task %s: changes are counted from the first attempt's baseline", delivery.split()[0])
                 return kept
         try:

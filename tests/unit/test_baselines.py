@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 from ocbridge.bridge.workspace.baselines import KEEP_LIMIT, BaselineStore
-from ocbridge.bridge.workspace.git.changes import Baseline, begin, collect
+from ocbridge.bridge.workspace.git.changes import Baseline, begin, collect, still_comparable
+from ocbridge.bridge.workspace.git.runner import run_git
+from ocbridge.bridge.workspace.git.settings import GitSettings
 from ocbridge.bridge.workspace.git.snapshot import Entry, Snapshot
 
 
@@ -65,3 +69,18 @@ def test_old_files_are_pruned_and_large_snapshots_not_kept(tmp_path):
     store.put("t-2 6", Baseline(kind="git", root=tmp_path, tree="d" * 40))
     assert not stale.exists() and store.get("t-2 6", tmp_path) is not None
     assert sorted(p.suffix for p in Path(folder).iterdir()) == [".json"]
+
+
+async def test_a_kept_git_baseline_is_used_only_while_its_repository_still_has_its_tree(tmp_path):
+    """A workspace removed and cloned again between two attempts has no longer the tree the first
+    attempt recorded: that baseline cannot be compared, the attempt takes a new one."""
+    workspace = tmp_path / "repo"
+    workspace.mkdir()
+    await run_git(["init", "-q"], workspace, settings=GitSettings())
+    (workspace / "a.txt").write_text("a\n")
+    kept = await begin(workspace)
+    assert kept.kind == "git" and await still_comparable(workspace, kept)
+    assert not await still_comparable(workspace, dataclasses.replace(kept, tree="0" * 40))
+    shutil.rmtree(workspace / ".git")
+    assert not await still_comparable(workspace, kept)  # not a repository any more
+    assert await still_comparable(workspace, Baseline(kind="snapshot", root=workspace, snapshot=Snapshot()))

@@ -8,7 +8,7 @@ Modules: :mod:`.settings` (``git:`` config), :mod:`.safety` (URL/ref checks, URL
 :mod:`.operations` (branch/commit/push/status/diff).
 """
 
-from .changes import Baseline, ChangeSet, begin, changes_since, collect
+from .changes import Baseline, ChangeSet, begin, changes_since, collect, still_comparable
 from .errors import GitError, GitInputError, GitTimeout
 from .operations import branch, commit, diff, push, run_op, status
 from .runner import GitCredentials, GitResult, run_git
@@ -54,4 +54,5 @@ __all__ = [
     "run_git",
     "run_op",
     "status",
+    "still_comparable",
 ]

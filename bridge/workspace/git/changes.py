@@ -86,6 +86,22 @@ async def begin(path: Path, *, settings: GitSettings | None = None, redactor: Re
     return Baseline(kind="snapshot", root=path, snapshot=snap)
 
 
+async def still_comparable(path: Path, baseline: Baseline, *, settings: GitSettings | None = None,
+                           redactor: Redactor | None = None) -> bool:
+    """Whether a baseline taken earlier (kept for a later attempt) can still be compared with the
+    workspace: a git one needs the repository and the tree it recorded (a workspace removed and
+    cloned again in between has neither)."""
+    if baseline.kind != "git":
+        return True
+    if not is_repo(path):
+        return False
+    if baseline.tree is None:
+        return True
+    found = await run_git(["cat-file", "-e", f"{baseline.tree}^{{tree}}"], path, settings=settings or GitSettings(),
+                          check=False, redactor=redactor)
+    return found.code == 0
+
+
 async def _small_inline(job: Callable[..., T], path: Path, previous: snapshot.Snapshot | None, file_limit: int,
                         **options: Any) -> T:
     """``job(path, file_limit=..., walked=..., **options)``: on the event loop when the tree is small
