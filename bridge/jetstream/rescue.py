@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from ocbridge.bridge.storage.leases import abandoned
 from ocbridge.bridge.storage.stores import KeyValueStore
+from ocbridge.client.protocol.subjects import is_concrete_subject
 
 __all__ = ["Rescuer", "sweep_interval"]
 
@@ -67,7 +68,9 @@ class Rescuer:
                 continue
             lease = abandoned(entry[0])
             ack = lease.get("ack") if lease is not None else None
-            if not isinstance(ack, str) or not ack.startswith(ACK_PREFIX):
+            # Only a single concrete JetStream ack subject: never a wildcard, nor whitespace that
+            # would split the protocol line.
+            if not isinstance(ack, str) or not ack.startswith(ACK_PREFIX) or not is_concrete_subject(ack):
                 continue
             await self._nc.publish(ack, b"-NAK")
             self._sent.add((key, entry[1]))

@@ -50,6 +50,22 @@ async def test_only_deliveries_of_a_gone_holder_with_an_ack_subject_are_given_ba
     assert len(wire.published) == 1
 
 
+async def test_lease_values_that_are_not_a_sidecars_are_ignored():
+    """Junk in the leases bucket (not JSON, too deep, no process, an ack "subject" that is a
+    wildcard or holds whitespace that would split the protocol line) gives nothing back."""
+    store, wire = MemoryKeyValue(), Wire()
+    dead = gone_process()
+    junk = [b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]",
+            json.dumps({"ack": "$JS.ACK.x.1", "process": "nope"}).encode(),
+            json.dumps({"ack": "$JS.ACK.x.1", "process": {"pid": [[]], "boot": {}}}).encode(),
+            lease(dead, "$JS.ACK.a b", "task w"), lease(dead, "$JS.ACK.>", "task x"),
+            lease(dead, "$JS.ACK.a\r\nPUB x 1", "task y"), lease(dead, "$JS.ACK.a..b", "task z")]
+    for index, value in enumerate(junk):
+        await store.put(f"{PREFIX}{index}", value)
+    assert await Rescuer(wire, store, prefix=PREFIX, interval=1.0).sweep() == 0
+    assert wire.published == []
+
+
 def test_the_leases_are_looked_through_well_within_ack_wait():
     assert sweep_interval(30) == 7.5
     assert sweep_interval(2) == 1.0  # not more often than every second
