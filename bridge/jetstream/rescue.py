@@ -46,7 +46,9 @@ class Rescuer:
         self._sent: set[tuple[str, int]] = set()
 
     async def run_forever(self) -> None:
+        """Sweep every ``interval`` until cancelled."""
         failing = False
+        current = asyncio.current_task()
         while True:
             await asyncio.sleep(self.interval)
             try:
@@ -57,6 +59,10 @@ class Rescuer:
                     log.info("looking for deliveries of dead sidecars failed (%s: %s); trying again",
                              type(exc).__name__, exc)
                 failing = True
+            if current is not None and current.cancelling():
+                # A cancel that landed inside a NATS call and was swallowed there still stops the
+                # loop (otherwise the sidecar's stop waits for it for ever).
+                raise asyncio.CancelledError
 
     async def sweep(self) -> int:
         """Give back the deliveries whose holders are provably gone; returns how many."""

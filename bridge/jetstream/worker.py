@@ -21,7 +21,6 @@ Delivery rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -160,8 +159,9 @@ class Worker:
         self._stopping.set()
         if self._rescue_task is not None:
             self._rescue_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rescue_task
+            await asyncio.wait({self._rescue_task}, timeout=5)  # bounded: see Rescuer.run_forever
+            if not self._rescue_task.done():
+                log.warning("the rescue loop did not stop within 5 s; leaving it")
         if self._loop_task is not None:
             with logged_suppress("stopping the fetch loop", log):
                 await asyncio.wait_for(self._loop_task, 5)

@@ -3,6 +3,8 @@ when their holder's process is provably gone and the subject is JetStream's ack 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -70,3 +72,22 @@ def test_the_leases_are_looked_through_well_within_ack_wait():
     assert sweep_interval(30) == 7.5
     assert sweep_interval(2) == 1.0  # not more often than every second
     assert sweep_interval(3600) == 10.0  # a long ack_wait still gets a prompt rescue
+
+
+async def test_the_loop_stops_when_cancelled_even_if_a_nats_call_swallowed_the_cancel():
+    """Seen in CI: a sidecar's stop waited for ever on the rescue loop, whose cancel was lost inside
+    a NATS call. The loop checks for a pending cancel after every sweep."""
+    entered = asyncio.Event()
+
+    class Swallowing(MemoryKeyValue):
+        async def keys(self) -> list[str]:
+            entered.set()
+            with contextlib.suppress(asyncio.CancelledError):  # what the library call did
+                await asyncio.sleep(10)
+            return []
+
+    loop = asyncio.create_task(Rescuer(Wire(), Swallowing(), prefix=PREFIX, interval=0.01).run_forever())
+    await asyncio.wait_for(entered.wait(), 5)
+    loop.cancel()
+    done, _ = await asyncio.wait({loop}, timeout=5)
+    assert loop in done and loop.cancelled()
